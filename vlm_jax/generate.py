@@ -1,0 +1,152 @@
+"""Decoding with a key/value cache, compiled once per length bucket.
+
+The prompt is left-aligned and left-padded to a bucket (a multiple of `prompt_bucket`), the
+cache holds bucket + new-token slots, and the whole decode loop is one lax.while_loop
+inside one jit: image features are computed once at prefill, no step goes back to Python,
+and prompts of similar length share a compiled program. Greedy decoding reproduces
+transformers' generate() token for token (pad_token_id after EOS, as it does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlm_jax.config import LlavaConfig
+from vlm_jax.models import llava, text_decoder
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Greedy when do_sample is False; otherwise temperature -> top-k -> top-p, as transformers."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+
+
+def choose_token(logits: jax.Array, sampling: Sampling, rng: jax.Array) -> jax.Array:
+    """Next token [B] from logits [B, V]."""
+    logits = logits.astype(jnp.float32)
+    if not sampling.do_sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if sampling.temperature != 1.0:
+        logits = logits / sampling.temperature
+    neg = jnp.finfo(jnp.float32).min
+    if sampling.top_k:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if sampling.top_p < 1.0:
+        order = jnp.argsort(logits, axis=-1)  # ascending, as transformers' TopPLogitsWarper
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        remove_sorted = cumulative <= (1 - sampling.top_p)
+        remove_sorted = remove_sorted.at[:, -1].set(False)  # always keep the most likely
+        remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+        logits = jnp.where(remove, neg, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def _generate(params, config: LlavaConfig, input_ids, attention_mask, pixel_values, rng, max_new_tokens,
+              *, new_slots: int, sampling: Sampling, eos_ids: tuple, pad_id: int, fused: bool):
+    batch, prompt_len = input_ids.shape
+    dtype = params["language_model"]["embed_tokens"]["embedding"].dtype
+    cache = text_decoder.init_cache(config.text, batch, prompt_len + new_slots, dtype)
+    key_valid = jnp.concatenate([attention_mask.astype(bool), jnp.zeros((batch, new_slots), bool)], axis=1)
+    positions = llava.default_positions(attention_mask)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions}
+    if pixel_values is not None:
+        inputs["pixel_values"] = pixel_values
+    last = jnp.full((batch, 1), prompt_len - 1, jnp.int32)  # prompts are left-aligned
+    out = llava.forward(params, config, inputs, cache=cache, cache_index=0, key_valid=key_valid,
+                        logit_positions=last, fused_attention=fused)
+    rng, sub = jax.random.split(rng)
+    token = choose_token(out.logits[:, -1], sampling, sub)
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+    def cond(state):
+        step, _, _, _, _, done, _, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, tokens, token, cache, key_valid, done, position, rng = state
+        token = jnp.where(done, pad_id, token)
+        tokens = tokens.at[:, step].set(token)
+        done = done | jnp.isin(token, eos)
+        slot = prompt_len + step
+        key_valid = key_valid.at[:, slot].set(True)
+        position = position + 1
+        step_inputs = {"input_ids": token[:, None], "position_ids": position[:, None]}
+        out = llava.forward(params, config, step_inputs, cache=cache, cache_index=slot, key_valid=key_valid,
+                            fused_attention=fused)
+        rng, sub = jax.random.split(rng)
+        next_token = choose_token(out.logits[:, -1], sampling, sub)
+        return step + 1, tokens, next_token, out.cache, key_valid, done, position, rng
+
+    tokens = jnp.full((batch, new_slots), pad_id, jnp.int32)
+    state = (jnp.int32(0), tokens, token, out.cache, key_valid, jnp.zeros((batch,), bool),
+             positions[:, -1], rng)
+    step, tokens, *_ = jax.lax.while_loop(cond, body, state)
+    return tokens, step
+
+
+_generate_jit = jax.jit(
+    _generate, static_argnames=("config", "new_slots", "sampling", "eos_ids", "pad_id", "fused")
+)
+
+
+def left_align(input_ids: np.ndarray, attention_mask: np.ndarray, pad_id: int):
+    """Moves every row's real tokens to the right end (right padding becomes left padding)."""
+    ids = np.full_like(input_ids, pad_id)
+    mask = np.zeros_like(attention_mask)
+    for b in range(input_ids.shape[0]):
+        real = attention_mask[b] > 0
+        n = int(real.sum())
+        if n:
+            ids[b, -n:] = input_ids[b, real]
+            mask[b, -n:] = 1
+    return ids, mask
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def generate(
+    params: dict,
+    config: LlavaConfig,
+    inputs: Mapping[str, np.ndarray],
+    max_new_tokens: int,
+    *,
+    sampling: Sampling = Sampling(),
+    eos_token_ids: tuple[int, ...] = (),
+    pad_token_id: int = 0,
+    seed: int = 0,
+    prompt_bucket: int = 64,
+    new_token_bucket: int = 64,
+    fused_attention: bool = False,
+) -> np.ndarray:
+    """New tokens [B, max_new_tokens] (pad_token_id after a row's EOS).
+
+    inputs: numpy input_ids [B, T], attention_mask [B, T] (left or right padded),
+    pixel_values [N, C, H, W] or absent.
+    """
+    ids = np.asarray(inputs["input_ids"], np.int32)
+    mask = np.asarray(inputs.get("attention_mask", np.ones_like(ids)), np.int32)
+    ids, mask = left_align(ids, mask, pad_token_id)
+    width = round_up(ids.shape[1], prompt_bucket)
+    pad = width - ids.shape[1]
+    ids = np.pad(ids, ((0, 0), (pad, 0)), constant_values=pad_token_id)
+    mask = np.pad(mask, ((0, 0), (pad, 0)))
+    pixel_values = inputs.get("pixel_values")
+    tokens, steps = _generate_jit(
+        params, config, ids, mask, pixel_values, jax.random.key(seed), jnp.int32(max_new_tokens),
+        new_slots=round_up(max_new_tokens, new_token_bucket), sampling=sampling,
+        eos_ids=tuple(int(e) for e in eos_token_ids), pad_id=int(pad_token_id), fused=fused_attention,
+    )
+    return np.asarray(tokens)[:, :max_new_tokens]

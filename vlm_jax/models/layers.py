@@ -1,0 +1,84 @@
+"""Building blocks shared by the vision tower and the text decoder.
+
+`scan_layers` runs a stack of identical layers with lax.scan over their stacked parameters:
+compile time stays flat in depth, and whatever a layer reports (captured activations,
+updated caches) comes out stacked with a leading layer axis.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.nn.activations import activation
+
+
+def linear(x: jax.Array, params: dict) -> jax.Array:
+    """x [..., In] @ kernel [In, Out] (+ bias [Out])."""
+    y = jnp.einsum("...i,io->...o", x, params["kernel"])
+    if "bias" in params:
+        y = y + params["bias"]
+    return y
+
+
+def project_heads(x: jax.Array, params: dict) -> jax.Array:
+    """x [B, T, D] -> [B, T, H, E] with kernel [D, H, E] (+ bias [H, E])."""
+    y = jnp.einsum("btd,dhe->bthe", x, params["kernel"])
+    if "bias" in params:
+        y = y + params["bias"]
+    return y
+
+
+def merge_heads(x: jax.Array, params: dict) -> jax.Array:
+    """x [B, T, H, E] -> [B, T, D] with kernel [H, E, D] (+ bias [D])."""
+    y = jnp.einsum("bthe,hed->btd", x, params["kernel"])
+    if "bias" in params:
+        y = y + params["bias"]
+    return y
+
+
+def gated_mlp(x: jax.Array, params: dict, act: str) -> jax.Array:
+    """down(act(gate(x)) * up(x)): Llama's SwiGLU MLP (and DINOv2-giant's)."""
+    return linear(activation(act)(linear(x, params["gate_proj"])) * linear(x, params["up_proj"]), params["down_proj"])
+
+
+def plain_mlp(x: jax.Array, params: dict, act: str) -> jax.Array:
+    """fc2(act(fc1(x))): the ViT MLP."""
+    return linear(activation(act)(linear(x, params["fc1"])), params["fc2"])
+
+
+def scan_layers(
+    layer_fn: Callable,
+    h: jax.Array,
+    stacked_params: dict,
+    per_layer: dict | None = None,
+    n_layers: int | None = None,
+):
+    """Applies `layer_fn(params_i, h, per_layer_i, i) -> (h, report)` for i < n_layers.
+
+    stacked_params and per_layer have a leading layer axis; only the first `n_layers`
+    entries are used (a vision tower stops at the feature layer). Returns the final h and
+    the reports stacked over layers.
+    """
+    total = jax.tree.leaves(stacked_params)[0].shape[0]
+    n_layers = total if n_layers is None else n_layers
+    if n_layers == 0:
+        return h, {}
+    if n_layers != total:
+        stacked_params = jax.tree.map(lambda a: a[:n_layers], stacked_params)
+        per_layer = jax.tree.map(lambda a: a[:n_layers], per_layer)
+
+    def body(carry, xs):
+        params_i, extra_i, index = xs
+        return layer_fn(params_i, carry, extra_i, index)
+
+    xs = (stacked_params, per_layer if per_layer is not None else {}, jnp.arange(n_layers))
+    return jax.lax.scan(body, h, xs)
+
+
+def pick(report: dict, name: str, value: jax.Array, wanted) -> None:
+    """Stores `value` under `name` in a layer's report if the caller asked for it."""
+    if name in wanted:
+        report[name] = value

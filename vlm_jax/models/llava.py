@@ -1,0 +1,168 @@
+"""LlavaForConditionalGeneration as one pure function.
+
+    forward(params, config, inputs, *, capture=()) -> Output(logits, acts)
+
+`inputs` holds the arrays transformers' processor returns (input_ids [B, T],
+attention_mask [B, T], pixel_values [N, C, H, W]; optional position_ids [B, T]). Image
+features replace the image-token embeddings with a gather over a cumulative count, which
+is jit-safe where transformers' masked_scatter is dynamic-shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.config import LlavaConfig
+from vlm_jax.interp.sites import layer_sites, validate_capture
+from vlm_jax.models import params as P
+from vlm_jax.models import projector, text_decoder, vision_tower
+
+
+@flax.struct.dataclass
+class Output:
+    """logits [B, T, V] (or [B, len(logit_positions), V]); acts {site: array}; cache or None."""
+
+    logits: jax.Array | None
+    acts: dict
+    cache: dict | None = None
+
+
+def param_specs(cfg: LlavaConfig) -> dict:
+    specs = {
+        "vision_tower": vision_tower.param_specs(cfg.vision),
+        "multi_modal_projector": projector.param_specs(cfg),
+        "language_model": text_decoder.param_specs(cfg.text),
+    }
+    if not cfg.text.tie_word_embeddings:
+        specs["lm_head"] = {
+            "kernel": P.ParamSpec((cfg.text.hidden_size, cfg.text.vocab_size), ("embed", "vocab"))
+        }
+    return specs
+
+
+def init_params(cfg: LlavaConfig, rng: jax.Array, dtype=jnp.float32, std: float = 0.02) -> dict:
+    """Random parameters (normal(0, std) weights) for tests and toy models."""
+    return P.init_from_specs(param_specs(cfg), rng, dtype, std)
+
+
+def abstract_params(cfg: LlavaConfig, dtype=jnp.float32) -> dict:
+    """ShapeDtypeStructs of every parameter, from jax.eval_shape (nothing is allocated)."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype))
+
+
+def logical_axes(cfg: LlavaConfig) -> dict:
+    """Logical axis names of every parameter (same tree as the params)."""
+    return P.logical_axes_from_specs(param_specs(cfg))
+
+
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+    """Position ids [B, T] counted over real tokens only (left padding starts at 0),
+    as transformers' generate() builds them."""
+    mask = attention_mask.astype(jnp.int32)
+    return jnp.where(mask > 0, jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+def merge_image_features(embeds: jax.Array, image_mask: jax.Array, features: jax.Array) -> jax.Array:
+    """Puts the image features at the image-token positions, in reading order.
+
+    embeds [B, T, D]; image_mask [B, T] bool; features [N, P, D] with N * P equal to the
+    number of image tokens (checked before jit by the Model wrapper).
+    """
+    flat = features.reshape(-1, features.shape[-1]).astype(embeds.dtype)
+    order = jnp.cumsum(image_mask.reshape(-1)) - 1  # k-th image token takes feature row k
+    gathered = jnp.take(flat, jnp.clip(order, 0, flat.shape[0] - 1), axis=0).reshape(embeds.shape)
+    return jnp.where(image_mask[..., None], gathered, embeds)
+
+
+def image_features(params: dict, cfg: LlavaConfig, pixel_values: jax.Array, *, capture=(), fused=False):
+    """Vision tower + feature selection + projector: [N, C, H, W] -> ([N, P', D], acts)."""
+    capture = tuple(capture)
+    wanted = layer_sites(capture, "vision")
+    hidden, vacts, last = vision_tower.forward(
+        params["vision_tower"], cfg.vision, pixel_values, cfg.feature_hidden_state_indices,
+        capture=wanted, fused=fused,
+    )
+    if cfg.vision_feature_select_strategy == "default":
+        hidden = [x[:, 1:] for x in hidden]
+    features = jnp.concatenate(hidden, axis=-1) if len(hidden) > 1 else hidden[0]
+    projected = projector.forward(params["multi_modal_projector"], cfg, features)
+    acts = {f"vision.{k}": v for k, v in vacts.items() if f"vision.{k}" in capture}
+    if "vision.hidden_states" in capture:
+        # resid_pre of every layer + the output of the last one (every layer ran: capture is set)
+        acts["vision.hidden_states"] = jnp.concatenate([vacts["resid_pre"], last[None]], axis=0)
+    if "vision.features" in capture:
+        acts["vision.features"] = features
+    if "projector.out" in capture:
+        acts["projector.out"] = projected
+    return projected, acts
+
+
+def forward(
+    params: dict,
+    config: LlavaConfig,
+    inputs: Mapping[str, Any],
+    *,
+    capture: tuple[str, ...] = (),
+    fused_attention: bool = False,
+    logit_positions: jax.Array | None = None,
+    cache: dict | None = None,
+    cache_index: jax.Array | int = 0,
+    key_valid: jax.Array | None = None,
+) -> Output:
+    """The whole model. Pure and jit-able (config and capture are static).
+
+    Args:
+      inputs: input_ids [B, T]; attention_mask [B, T] (optional, default all ones);
+        pixel_values [N, C, H, W] (optional); position_ids [B, T] (optional, default
+        counted over attention_mask).
+      capture: site names (see vlm_jax.interp.sites) to return in Output.acts.
+      fused_attention: use the fused attention kernel wherever no pattern is captured.
+      logit_positions: [B, K] token indices: compute logits only there ([B, K, V]).
+      cache, cache_index, key_valid: generation with a KV cache (see generate.py):
+        key_valid [B, S] marks the valid cache slots including the new tokens.
+    """
+    capture = validate_capture(capture)
+    input_ids = jnp.asarray(inputs["input_ids"])
+    attention_mask = inputs.get("attention_mask")
+    attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
+    position_ids = inputs.get("position_ids")
+    position_ids = default_positions(attention_mask) if position_ids is None else jnp.asarray(position_ids)
+    lm = params["language_model"]
+
+    embeds = jnp.take(lm["embed_tokens"]["embedding"], input_ids, axis=0)
+    acts: dict = {}
+    pixel_values = inputs.get("pixel_values")
+    if pixel_values is not None:
+        projected, vacts = image_features(params, config, jnp.asarray(pixel_values), capture=capture,
+                                          fused=fused_attention)
+        acts.update(vacts)
+        embeds = merge_image_features(embeds, input_ids == config.image_token_id, projected)
+    if "text.embed" in capture:
+        acts["text.embed"] = embeds
+
+    wanted = layer_sites(capture, "text")
+    h, tacts, new_cache = text_decoder.forward(
+        lm, config.text, embeds, position_ids,
+        attention_mask if key_valid is None else key_valid,
+        capture=wanted, fused=fused_attention, cache=cache, cache_index=cache_index,
+    )
+    acts.update({f"text.{k}": v for k, v in tacts.items() if f"text.{k}" in capture})
+    final = text_decoder.final_norm(lm, config.text, h)
+    if "text.hidden_states" in capture:
+        # transformers' convention: the last entry is the final-normed output
+        acts["text.hidden_states"] = jnp.concatenate([tacts["resid_pre"], final[None]], axis=0)
+    if "text.final" in capture:
+        acts["text.final"] = final
+    if logit_positions is not None:
+        final = jnp.take_along_axis(final, logit_positions[..., None], axis=1)
+    logits = text_decoder.unembed(lm, params.get("lm_head"), final)
+    if "logits" in capture:
+        acts["logits"] = logits
+    return Output(logits=logits, acts=acts, cache=new_cache)
+
+
+forward_jit = jax.jit(forward, static_argnames=("config", "capture", "fused_attention"))

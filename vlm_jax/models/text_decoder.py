@@ -1,0 +1,155 @@
+"""Decoder-only language models: Llama, Mistral and Qwen2.
+
+They share one block (RMSNorm, RoPE attention with grouped-query heads, SwiGLU MLP) and
+differ in biases (Qwen2 q/k/v, Llama's optional attention/MLP biases) and sliding windows
+(Mistral everywhere, Qwen2 in chosen layers). Parameter names follow transformers.
+
+A key/value cache is optional: with one, the T new tokens are written at `cache_index` and
+attend to everything valid before them (generation); without one, the T tokens attend to
+each other causally.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.config import TextConfig
+from vlm_jax.models.layers import gated_mlp, merge_heads, pick, project_heads, scan_layers
+from vlm_jax.models.params import ParamSpec, dense, norm, stack
+from vlm_jax.nn.attention import attention, causal_mask
+from vlm_jax.nn.norms import rms_norm
+from vlm_jax.nn.rope import apply_rope, rope_cos_sin
+
+LAYER_SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post", "attn_pattern", "q", "k", "v")
+
+
+def param_specs(cfg: TextConfig) -> dict:
+    d, f, e = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+
+    def heads_in(n, axis, bias):
+        spec = {"kernel": ParamSpec((d, n, e), ("embed", axis, "head_dim"))}
+        if bias:
+            spec["bias"] = ParamSpec((n, e), (axis, "head_dim"), "zeros")
+        return spec
+
+    o_proj = {"kernel": ParamSpec((cfg.num_heads, e, d), ("heads", "head_dim", "embed"))}
+    if cfg.o_bias:
+        o_proj["bias"] = ParamSpec((d,), ("embed",), "zeros")
+    layer = {
+        "input_layernorm": norm(d, "embed", bias=False),
+        "self_attn": {
+            "q_proj": heads_in(cfg.num_heads, "heads", cfg.qkv_bias),
+            "k_proj": heads_in(cfg.num_kv_heads, "kv_heads", cfg.qkv_bias),
+            "v_proj": heads_in(cfg.num_kv_heads, "kv_heads", cfg.qkv_bias),
+            "o_proj": o_proj,
+        },
+        "post_attention_layernorm": norm(d, "embed", bias=False),
+        "mlp": {
+            "gate_proj": dense(d, f, "embed", "mlp", cfg.mlp_bias),
+            "up_proj": dense(d, f, "embed", "mlp", cfg.mlp_bias),
+            "down_proj": dense(f, d, "mlp", "embed", cfg.mlp_bias),
+        },
+    }
+    return {
+        "embed_tokens": {"embedding": ParamSpec((cfg.vocab_size, d), ("vocab", "embed"))},
+        "layers": stack(layer, cfg.num_layers),
+        "norm": norm(d, "embed", bias=False),
+    }
+
+
+def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, masks, cos, sin, cache_index):
+    def layer(p: dict, h: jax.Array, per_layer: dict, index):
+        report: dict = {}
+        pick(report, "resid_pre", h, wanted)
+        x = rms_norm(h, p["input_layernorm"], cfg.rms_norm_eps)
+        attn_p = p["self_attn"]
+        q = apply_rope(project_heads(x, attn_p["q_proj"]), cos, sin)
+        k = apply_rope(project_heads(x, attn_p["k_proj"]), cos, sin)
+        v = project_heads(x, attn_p["v_proj"])
+        for name, value in (("q", q), ("k", k), ("v", v)):
+            pick(report, name, value, wanted)
+        if "k_cache" in per_layer:  # write the new keys/values into this layer's cache
+            at = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(per_layer["k_cache"], k.astype(per_layer["k_cache"].dtype), at)
+            v = jax.lax.dynamic_update_slice(per_layer["v_cache"], v.astype(per_layer["v_cache"].dtype), at)
+            report["k_cache"], report["v_cache"] = k, v
+        mask = masks[per_layer["mask_kind"]] if masks.shape[0] > 1 else masks[0]
+        want_pattern = "attn_pattern" in wanted
+        out, pattern = attention(
+            q, k, v, scale=cfg.head_dim**-0.5, mask=mask, return_pattern=want_pattern,
+            fused=fused and not want_pattern,
+        )
+        pick(report, "attn_pattern", pattern, wanted)
+        attn_out = merge_heads(out, attn_p["o_proj"])
+        pick(report, "attn_out", attn_out, wanted)
+        h = h + attn_out
+        pick(report, "resid_mid", h, wanted)
+        mlp_out = gated_mlp(rms_norm(h, p["post_attention_layernorm"], cfg.rms_norm_eps), p["mlp"], cfg.hidden_act)
+        pick(report, "mlp_out", mlp_out, wanted)
+        h = h + mlp_out
+        pick(report, "resid_post", h, wanted)
+        return h, report
+
+    return layer
+
+
+def forward(
+    params: dict,
+    cfg: TextConfig,
+    embeds: jax.Array,
+    positions: jax.Array,
+    key_valid: jax.Array,
+    *,
+    capture: frozenset = frozenset(),
+    fused: bool = False,
+    cache: dict | None = None,
+    cache_index: jax.Array | int = 0,
+):
+    """Runs every decoder layer.
+
+    Args:
+      embeds: [B, T, D] input embeddings (image features already merged in).
+      positions: [B, T] rotary position ids.
+      key_valid: [B, S] False at padding; S = T without a cache, else the cache length.
+      capture: per-layer sites (LAYER_SITES) to return stacked [L, ...].
+      cache: {'k', 'v': [L, B, S, K, E]} or None.
+      cache_index: slot of the first of the T tokens in the cache.
+
+    Returns:
+      (h [B, T, D] after the last layer, before the final norm; {site: [L, ...]};
+       updated cache or None).
+    """
+    t_len = embeds.shape[1]
+    query_index = cache_index + jnp.arange(t_len)
+    key_index = jnp.arange(key_valid.shape[1])
+    # Dynamic/longrope scaling depends on the sequence length, as in transformers.
+    seq_len = jnp.max(positions) + 1
+    cos, sin = rope_cos_sin(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, positions, embeds.dtype, seq_len)
+    kinds = sorted(set(cfg.sliding_windows), key=lambda w: -1 if w is None else w)
+    masks = jnp.stack([causal_mask(key_valid, query_index, key_index, w) for w in kinds])
+    per_layer = {"mask_kind": jnp.asarray([kinds.index(w) for w in cfg.sliding_windows], jnp.int32)}
+    if cache is not None:
+        per_layer["k_cache"], per_layer["v_cache"] = cache["k"], cache["v"]
+    layer = _layer(cfg, frozenset(capture), fused, masks, cos, sin, cache_index)
+    h, report = scan_layers(layer, embeds, params["layers"], per_layer)
+    new_cache = None
+    if cache is not None:
+        new_cache = {"k": report.pop("k_cache"), "v": report.pop("v_cache")}
+    return h, report, new_cache
+
+
+def final_norm(params: dict, cfg: TextConfig, h: jax.Array) -> jax.Array:
+    return rms_norm(h, params["norm"], cfg.rms_norm_eps)
+
+
+def unembed(params: dict, lm_head: dict | None, h: jax.Array) -> jax.Array:
+    """Logits [..., V] from final-normed states [..., D] (tied embeddings when lm_head is None)."""
+    if lm_head is None:
+        return jnp.einsum("...d,vd->...v", h, params["embed_tokens"]["embedding"])
+    return jnp.einsum("...d,dv->...v", h, lm_head["kernel"])
+
+
+def init_cache(cfg: TextConfig, batch: int, length: int, dtype) -> dict:
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
