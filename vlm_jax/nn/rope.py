@@ -17,9 +17,13 @@ import numpy as np
 from vlm_jax.config import RopeConfig
 
 
-def _base_inv_freq(base, dim: int):
-    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    return 1.0 / (jnp.asarray(base, jnp.float32) ** jnp.asarray(exponents))
+def _exponents(dim: int) -> np.ndarray:
+    return np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+
+
+def _base_inv_freq(base: float, dim: int) -> np.ndarray:
+    """1 / base^(2i/dim) in float32, computed on the host (base is static)."""
+    return (1.0 / (np.float32(base) ** _exponents(dim))).astype(np.float32)
 
 
 def _yarn(rope: RopeConfig, dim: int, max_pos: int):
@@ -58,7 +62,7 @@ def _yarn(rope: RopeConfig, dim: int, max_pos: int):
 
 
 def _llama3(rope: RopeConfig, dim: int):
-    inv = np.asarray(_base_inv_freq(rope.theta, dim))
+    inv = _base_inv_freq(rope.theta, dim)
     factor, low_ff, high_ff = rope.factor, rope.low_freq_factor, rope.high_freq_factor
     old_len = rope.original_max_position_embeddings
     low_wavelen, high_wavelen = old_len / low_ff, old_len / high_ff
@@ -78,16 +82,16 @@ def inv_freq_and_scale(rope: RopeConfig, dim: int, max_pos: int, seq_len: jax.Ar
     """
     kind = rope.rope_type
     if kind == "default":
-        return _base_inv_freq(rope.theta, dim), 1.0
+        return jnp.asarray(_base_inv_freq(rope.theta, dim)), 1.0
     if kind == "linear":
-        return _base_inv_freq(rope.theta, dim) / jnp.float32(rope.factor), 1.0
+        return jnp.asarray(_base_inv_freq(rope.theta, dim) / np.float32(rope.factor)), 1.0
     if kind == "dynamic":
         if seq_len is None:
             seq_len = max_pos
         seq = jnp.maximum(jnp.asarray(seq_len, jnp.float32), jnp.float32(max_pos))
         factor = jnp.float32(rope.factor)
         base = jnp.float32(rope.theta) * ((factor * seq / max_pos) - (factor - 1)) ** (dim / (dim - 2))
-        return _base_inv_freq(base, dim), 1.0
+        return 1.0 / (base ** jnp.asarray(_exponents(dim))), 1.0
     if kind == "yarn":
         return _yarn(rope, dim, max_pos)
     if kind == "longrope":
@@ -96,8 +100,7 @@ def inv_freq_and_scale(rope: RopeConfig, dim: int, max_pos: int, seq_len: jax.Ar
         scale = rope.attention_factor
         if scale is None:
             scale = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(omp))
-        exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-        base_pow = jnp.asarray(np.float32(rope.theta) ** exponents)
+        base_pow = jnp.asarray(np.float32(rope.theta) ** _exponents(dim))
         long_inv = 1.0 / (jnp.asarray(rope.long_factor, jnp.float32) * base_pow)
         short_inv = 1.0 / (jnp.asarray(rope.short_factor, jnp.float32) * base_pow)
         if seq_len is None:
