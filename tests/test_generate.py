@@ -1,0 +1,92 @@
+"""KV-cache decoding vs transformers' generate()."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import hf_factory
+import vlm_jax as vj
+from vlm_jax import generate as gen
+
+
+def hf_generate(hf_model, batch, max_new_tokens, **kwargs) -> np.ndarray:
+    with torch.no_grad():
+        out = hf_model.generate(
+            input_ids=torch.from_numpy(batch["input_ids"]), attention_mask=torch.from_numpy(batch["attention_mask"]),
+            pixel_values=torch.from_numpy(batch["pixel_values"]), max_new_tokens=max_new_tokens, do_sample=False,
+            **kwargs,
+        )
+    return out[:, batch["input_ids"].shape[1]:].numpy()
+
+
+@pytest.mark.parametrize("case", ["clip-llama-mha", "siglip-mistral-sliding-full-nobias",
+                                  "dinov2-qwen2-mixed-sliding-interpolated"])
+def test_greedy_generation_matches_transformers(hf_checkpoints, case):
+    folder, hf_model, hf_config = hf_checkpoints(case)
+    batch = hf_factory.make_batch(hf_config, hf_factory.image_size(case), padding="left")
+    # no EOS: both sides produce all 24 tokens
+    ref = hf_generate(hf_model, batch, 24, eos_token_id=None, min_new_tokens=24)
+    model = vj.load(folder, progress=False)
+    ours = model.generate(batch, 24, eos_token_ids=())
+    assert ours.tokens.shape == (2, 24)
+    np.testing.assert_array_equal(ours.tokens, ref)
+
+
+def test_eos_stops_a_row_and_pads_like_transformers(hf_checkpoints):
+    folder, hf_model, hf_config = hf_checkpoints("clip-llama-mha")
+    batch = hf_factory.make_batch(hf_config, hf_factory.image_size("clip-llama-mha"))
+    free = hf_generate(hf_model, batch, 20, eos_token_id=None, min_new_tokens=20)
+    eos = int(free[0, 5])  # a token row 0 emits at step 5 becomes the EOS
+    ref = hf_generate(hf_model, batch, 20, eos_token_id=eos, pad_token_id=hf_factory.PAD)
+    model = vj.load(folder, progress=False)
+    ours = model.generate(batch, 20, eos_token_ids=(eos,), pad_token_id=hf_factory.PAD)
+    width = ref.shape[1]  # transformers stops once every row is done
+    np.testing.assert_array_equal(ours.tokens[:, :width], ref)
+    assert np.all(ours.tokens[:, width:] == hf_factory.PAD)
+    assert ours.tokens[0, 5] == eos and np.all(ours.tokens[0, 6:] == hf_factory.PAD)
+
+
+def test_right_padding_gives_the_same_tokens_as_left_padding(hf_checkpoints):
+    folder, _, hf_config = hf_checkpoints("clip-llama-mha")
+    model = vj.load(folder, progress=False)
+    left = hf_factory.make_batch(hf_config, 28, padding="left")
+    right = hf_factory.make_batch(hf_config, 28, padding="right")
+    np.testing.assert_array_equal(model.generate(left, 12, eos_token_ids=()).tokens,
+                                  model.generate(right, 12, eos_token_ids=()).tokens)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(hf_checkpoints):
+    folder, _, hf_config = hf_checkpoints("clip-llama-mha")
+    model = vj.load(folder, progress=False)
+    batch = hf_factory.make_batch(hf_config, 28)
+    greedy = model.generate(batch, 10, eos_token_ids=()).tokens
+    top1 = model.generate(batch, 10, do_sample=True, top_k=1, seed=3, eos_token_ids=()).tokens
+    np.testing.assert_array_equal(greedy, top1)
+    a = model.generate(batch, 10, do_sample=True, temperature=2.0, seed=7, eos_token_ids=()).tokens
+    b = model.generate(batch, 10, do_sample=True, temperature=2.0, seed=7, eos_token_ids=()).tokens
+    c = model.generate(batch, 10, do_sample=True, temperature=2.0, seed=8, eos_token_ids=()).tokens
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_top_p_keeps_the_nucleus_only():
+    import jax
+    import jax.numpy as jnp
+
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    sampling = gen.Sampling(do_sample=True, top_p=0.7)
+    draws = {int(gen.choose_token(logits, sampling, jax.random.key(i))[0]) for i in range(200)}
+    assert draws == {0, 1}
+
+
+def test_one_compilation_per_length_bucket(hf_checkpoints):
+    folder, _, hf_config = hf_checkpoints("clip-llama-mha")
+    model = vj.load(folder, progress=False)
+    batch = hf_factory.make_batch(hf_config, 28)
+    model.generate(batch, 8, eos_token_ids=())
+    before = gen._generate_jit._cache_size()
+    shorter = {k: (v[:, 1:] if k != "pixel_values" else v) for k, v in batch.items()}  # same bucket
+    model.generate(shorter, 5, eos_token_ids=())  # fewer new tokens: same bucket, traced count
+    assert gen._generate_jit._cache_size() == before
