@@ -45,10 +45,12 @@ def run_demo(workdir: str = "checkpoints", max_new_tokens: int = 12) -> str:
 
     import vlm_jax as vj
     from vlm_jax.interp.logit_lens import logit_lens_topk
-    from vlm_jax.random_model import make_random_llava
+    from vlm_jax.random_model import build_tokenizer, make_random_llava, tiny_hf_config
 
     start = time.perf_counter()
-    hf_dir = make_random_llava(os.path.join(workdir, "demo-random-llava-hf"), force=True)
+    tokenizer = build_tokenizer()
+    hf_config = tiny_hf_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), text_layers=4)
+    hf_dir = make_random_llava(os.path.join(workdir, "demo-random-llava-hf"), hf_config, force=True)
     print(f"[1/4] wrote a random LLaVA (transformers folder): {hf_dir}")
     converted = vj.load(hf_dir, progress=False).save(os.path.join(workdir, "demo-random-llava-vlm_jax"), force=True)
     print(f"[2/4] converted it to a vlm_jax checkpoint:        {converted}")
