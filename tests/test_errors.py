@@ -154,7 +154,7 @@ def test_failed_convert_leaves_no_partial_folder(clip_case, tmp_path, monkeypatc
     def explode(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ocp.StandardCheckpointer, "save", explode)
+    monkeypatch.setattr(ocp.Checkpointer, "save", explode)
     with pytest.raises(RuntimeError, match="disk full"):
         model.save(tmp_path / "out")
     assert os.listdir(tmp_path) == []
