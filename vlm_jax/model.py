@@ -20,6 +20,7 @@ from vlm_jax import generate as gen
 from vlm_jax.config import LlavaConfig
 from vlm_jax.errors import InputError
 from vlm_jax.inputs import Batch, Processor, as_numpy_inputs
+from vlm_jax.interp.edits import AttentionEdit, Edits, stack_edits, validate_against_inputs
 from vlm_jax.models import llava
 from vlm_jax.weights import Layout
 
@@ -76,6 +77,17 @@ def check_inputs(arrays: Mapping[str, np.ndarray], cfg: LlavaConfig) -> None:
             "not match the number of images. Fix: put one <image> in the prompt per image and let the "
             "processor expand it (model.prepare), or pass as many images as the prompts show."
         )
+
+
+def _sweep(params, config, arrays, stacked, capture, fused, logit_positions, compute_logits):
+    def one(edits):
+        return llava.forward(params, config, arrays, capture=capture, edits=edits, fused_attention=fused,
+                             logit_positions=logit_positions, compute_logits=compute_logits)
+
+    return jax.vmap(one)(stacked)
+
+
+_sweep_jit = jax.jit(_sweep, static_argnames=("config", "capture", "fused", "compute_logits"))
 
 
 @dataclass
@@ -140,15 +152,61 @@ class Model:
         return arrays
 
     # -- running -------------------------------------------------------------------------------
-    def run(self, inputs: Mapping[str, Any], *, capture: Sequence[str] = (), fused_attention: bool | None = None,
-            logit_positions: np.ndarray | None = None) -> llava.Output:
-        """Runs the model on processor-style arrays; logits [B, T, V] as transformers'."""
+    def edits(self) -> Edits:
+        """An empty edit set for this model (add edits with its methods)."""
+        return Edits(self.config)
+
+    def _check_edits(self, edits: Edits | None, arrays: dict, fused_attention: bool | None) -> None:
+        if edits is None:
+            return
+        if edits.config != self.config:
+            raise ValueError("these edits were built for another model config; build them with model.edits()")
+        pixels = arrays.get("pixel_values")
+        images, vision_tokens = 0, 0
+        if pixels is not None:
+            p = self.config.vision.patch_size
+            images = pixels.shape[0]
+            vision_tokens = (pixels.shape[2] // p) * (pixels.shape[3] // p) + self.config.vision.num_prefix_tokens
+        batch, tokens = arrays["input_ids"].shape
+        validate_against_inputs(edits, batch, tokens, images, vision_tokens)
+        if fused_attention and any(isinstance(op, AttentionEdit) for op in edits.ops):
+            raise ValueError("attention-edge edits need the explicit attention path; "
+                             "pass fused_attention=False (or None to choose automatically)")
+
+    def run(self, inputs: Mapping[str, Any], *, capture: Sequence[str] = (), edits: Edits | None = None,
+            fused_attention: bool | None = None, logit_positions: np.ndarray | None = None,
+            compute_logits: bool = True) -> llava.Output:
+        """Runs the model on processor-style arrays; logits [B, T, V] as transformers'.
+
+        capture: site names (vlm_jax.interp.sites); edits: model.edits()...; fused_attention:
+        None picks the fused kernel on accelerators wherever no pattern/edge edit needs the
+        explicit path.
+        """
         arrays = self._arrays(inputs)
+        self._check_edits(edits, arrays, fused_attention)
         fused = default_fused_attention() if fused_attention is None else fused_attention
         return llava.forward_jit(
-            self.params, self.config, arrays, capture=tuple(sorted(set(capture))), fused_attention=fused,
+            self.params, self.config, arrays, capture=tuple(sorted(set(capture))), edits=edits,
+            fused_attention=fused, compute_logits=compute_logits,
             logit_positions=None if logit_positions is None else jnp.asarray(logit_positions, jnp.int32),
         )
+
+    def run_sweep(self, inputs: Mapping[str, Any], edit_sets: Sequence[Edits] | Edits, *,
+                  capture: Sequence[str] = (), fused_attention: bool | None = None,
+                  logit_positions: np.ndarray | None = None, compute_logits: bool = True) -> llava.Output:
+        """Runs several edit sets on the same inputs in one vmapped, compiled call.
+
+        edit_sets: a list of Edits with the same structure (e.g. one ablation per layer), or an
+        already stacked Edits. Every output gains a leading sweep axis.
+        """
+        stacked = stack_edits(list(edit_sets)) if not isinstance(edit_sets, Edits) else edit_sets
+        arrays = self._arrays(inputs)
+        first = jax.tree.map(lambda x: x[0], stacked)
+        self._check_edits(first, arrays, fused_attention)
+        fused = default_fused_attention() if fused_attention is None else fused_attention
+        positions = None if logit_positions is None else jnp.asarray(logit_positions, jnp.int32)
+        return _sweep_jit(self.params, self.config, arrays, stacked, tuple(sorted(set(capture))), fused,
+                          positions, compute_logits)
 
     def generate(self, inputs: Mapping[str, Any], max_new_tokens: int = 32, *, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,

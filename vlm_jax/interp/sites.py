@@ -10,7 +10,7 @@ text.embed + text.resid_post.
   site                         shape
   vision.resid_pre|resid_mid|resid_post|attn_out|mlp_out
                                [L, N, P, Dv]
-  vision.q|k|v                 [L, N, P, Hv, Ev]
+  vision.q|k|v|z               [L, N, P, Hv, Ev]   (z: per-head attention output, before out_proj)
   vision.attn_pattern          [L, N, Hv, P, P]
   vision.hidden_states         [L + 1, N, P, Dv]
   vision.features              [N, P', Dv * n_feature_layers]   (what the projector reads)
@@ -18,7 +18,7 @@ text.embed + text.resid_post.
   text.embed                   [B, T, D]                       (image features merged in)
   text.resid_pre|resid_mid|resid_post|attn_out|mlp_out
                                [L, B, T, D]
-  text.q                       [L, B, T, H, E]   (after RoPE)
+  text.q|z                     [L, B, T, H, E]   (q after RoPE; z: per-head output before o_proj)
   text.k|v                     [L, B, T, K, E]   (k after RoPE)
   text.attn_pattern            [L, B, H, T, S]
   text.hidden_states           [L + 1, B, T, D]

@@ -76,9 +76,3 @@ def scan_layers(
 
     xs = (stacked_params, per_layer if per_layer is not None else {}, jnp.arange(n_layers))
     return jax.lax.scan(body, h, xs)
-
-
-def pick(report: dict, name: str, value: jax.Array, wanted) -> None:
-    """Stores `value` under `name` in a layer's report if the caller asked for it."""
-    if name in wanted:
-        report[name] = value

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.config import LlavaConfig
+from vlm_jax.interp.edits import Edits, for_tower, global_ops
+from vlm_jax.interp.site_hooks import apply_site_edit
 from vlm_jax.interp.sites import layer_sites, validate_capture
 from vlm_jax.models import params as P
 from vlm_jax.models import projector, text_decoder, vision_tower
@@ -78,18 +80,28 @@ def merge_image_features(embeds: jax.Array, image_mask: jax.Array, features: jax
     return jnp.where(image_mask[..., None], gathered, embeds)
 
 
-def image_features(params: dict, cfg: LlavaConfig, pixel_values: jax.Array, *, capture=(), fused=False):
+def _apply_global(edits, site: str, x: jax.Array) -> jax.Array:
+    """Edits on a non-layer site (their masks have a leading axis of 1)."""
+    for op in global_ops(edits, site):
+        x = apply_site_edit(op.replace(mask=op.mask[0], value=op.value[0]), x)
+    return x
+
+
+def image_features(params: dict, cfg: LlavaConfig, pixel_values: jax.Array, *, capture=(), fused=False,
+                   edits: Edits | None = None):
     """Vision tower + feature selection + projector: [N, C, H, W] -> ([N, P', D], acts)."""
     capture = tuple(capture)
     wanted = layer_sites(capture, "vision")
+    site_ops, attention_ops = for_tower(edits, "vision")
     hidden, vacts, last = vision_tower.forward(
         params["vision_tower"], cfg.vision, pixel_values, cfg.feature_hidden_state_indices,
-        capture=wanted, fused=fused,
+        capture=wanted, fused=fused, site_ops=site_ops, attention_ops=attention_ops,
     )
     if cfg.vision_feature_select_strategy == "default":
         hidden = [x[:, 1:] for x in hidden]
     features = jnp.concatenate(hidden, axis=-1) if len(hidden) > 1 else hidden[0]
-    projected = projector.forward(params["multi_modal_projector"], cfg, features)
+    features = _apply_global(edits, "vision.features", features)
+    projected = _apply_global(edits, "projector.out", projector.forward(params["multi_modal_projector"], cfg, features))
     acts = {f"vision.{k}": v for k, v in vacts.items() if f"vision.{k}" in capture}
     if "vision.hidden_states" in capture:
         # resid_pre of every layer + the output of the last one (every layer ran: capture is set)
@@ -107,8 +119,10 @@ def forward(
     inputs: Mapping[str, Any],
     *,
     capture: tuple[str, ...] = (),
+    edits: Edits | None = None,
     fused_attention: bool = False,
     logit_positions: jax.Array | None = None,
+    compute_logits: bool = True,
     cache: dict | None = None,
     cache_index: jax.Array | int = 0,
     key_valid: jax.Array | None = None,
@@ -120,12 +134,19 @@ def forward(
         pixel_values [N, C, H, W] (optional); position_ids [B, T] (optional, default
         counted over attention_mask).
       capture: site names (see vlm_jax.interp.sites) to return in Output.acts.
-      fused_attention: use the fused attention kernel wherever no pattern is captured.
+      edits: vlm_jax.interp.edits.Edits applied during the pass (captures see edited values).
+      fused_attention: use the fused attention kernel wherever no pattern is captured and no
+        attention edge is edited.
       logit_positions: [B, K] token indices: compute logits only there ([B, K, V]).
+      compute_logits: False skips the unembedding (Output.logits is None).
       cache, cache_index, key_valid: generation with a KV cache (see generate.py):
         key_valid [B, S] marks the valid cache slots including the new tokens.
     """
     capture = validate_capture(capture)
+    if edits is not None and not edits.ops:
+        edits = None  # an empty edit set is the plain forward pass
+    if edits is not None and cache is not None:
+        raise ValueError("edits are not supported with a KV cache (generation); run the forward pass instead")
     input_ids = jnp.asarray(inputs["input_ids"])
     attention_mask = inputs.get("attention_mask")
     attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
@@ -138,31 +159,36 @@ def forward(
     pixel_values = inputs.get("pixel_values")
     if pixel_values is not None:
         projected, vacts = image_features(params, config, jnp.asarray(pixel_values), capture=capture,
-                                          fused=fused_attention)
+                                          fused=fused_attention, edits=edits)
         acts.update(vacts)
         embeds = merge_image_features(embeds, input_ids == config.image_token_id, projected)
+    embeds = _apply_global(edits, "text.embed", embeds)
     if "text.embed" in capture:
         acts["text.embed"] = embeds
 
     wanted = layer_sites(capture, "text")
+    site_ops, attention_ops = for_tower(edits, "text")
     h, tacts, new_cache = text_decoder.forward(
         lm, config.text, embeds, position_ids,
         attention_mask if key_valid is None else key_valid,
         capture=wanted, fused=fused_attention, cache=cache, cache_index=cache_index,
+        site_ops=site_ops, attention_ops=attention_ops,
     )
     acts.update({f"text.{k}": v for k, v in tacts.items() if f"text.{k}" in capture})
-    final = text_decoder.final_norm(lm, config.text, h)
+    final = _apply_global(edits, "text.final", text_decoder.final_norm(lm, config.text, h))
     if "text.hidden_states" in capture:
         # transformers' convention: the last entry is the final-normed output
         acts["text.hidden_states"] = jnp.concatenate([tacts["resid_pre"], final[None]], axis=0)
     if "text.final" in capture:
         acts["text.final"] = final
-    if logit_positions is not None:
-        final = jnp.take_along_axis(final, logit_positions[..., None], axis=1)
-    logits = text_decoder.unembed(lm, params.get("lm_head"), final)
+    logits = None
+    if compute_logits:
+        if logit_positions is not None:
+            final = jnp.take_along_axis(final, logit_positions[..., None], axis=1)
+        logits = text_decoder.unembed(lm, params.get("lm_head"), final)
     if "logits" in capture:
         acts["logits"] = logits
     return Output(logits=logits, acts=acts, cache=new_cache)
 
 
-forward_jit = jax.jit(forward, static_argnames=("config", "capture", "fused_attention"))
+forward_jit = jax.jit(forward, static_argnames=("config", "capture", "fused_attention", "compute_logits"))

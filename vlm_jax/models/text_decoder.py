@@ -15,13 +15,15 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.config import TextConfig
-from vlm_jax.models.layers import gated_mlp, merge_heads, pick, project_heads, scan_layers
+from vlm_jax.interp.edits import layer_slices
+from vlm_jax.interp.site_hooks import Sites, score_editor
+from vlm_jax.models.layers import gated_mlp, merge_heads, project_heads, scan_layers
 from vlm_jax.models.params import ParamSpec, dense, norm, stack
 from vlm_jax.nn.attention import attention, causal_mask
 from vlm_jax.nn.norms import rms_norm
 from vlm_jax.nn.rope import apply_rope, rope_cos_sin
 
-LAYER_SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post", "attn_pattern", "q", "k", "v")
+LAYER_SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post", "attn_pattern", "q", "k", "v", "z")
 
 
 def param_specs(cfg: TextConfig) -> dict:
@@ -58,17 +60,20 @@ def param_specs(cfg: TextConfig) -> dict:
     }
 
 
-def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, masks, cos, sin, cache_index):
+def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, masks, cos, sin, cache_index, rebuild_edits,
+           attn_edit_free: bool):
+    groups = cfg.num_heads // cfg.num_kv_heads
+
     def layer(p: dict, h: jax.Array, per_layer: dict, index):
-        report: dict = {}
-        pick(report, "resid_pre", h, wanted)
+        site_ops, attn_ops = rebuild_edits(per_layer["edits"])
+        sites = Sites(wanted, site_ops, attn_ops, prefix="text.")
+        h = sites("resid_pre", h)
         x = rms_norm(h, p["input_layernorm"], cfg.rms_norm_eps)
         attn_p = p["self_attn"]
-        q = apply_rope(project_heads(x, attn_p["q_proj"]), cos, sin)
-        k = apply_rope(project_heads(x, attn_p["k_proj"]), cos, sin)
-        v = project_heads(x, attn_p["v_proj"])
-        for name, value in (("q", q), ("k", k), ("v", v)):
-            pick(report, name, value, wanted)
+        q = sites("q", apply_rope(project_heads(x, attn_p["q_proj"]), cos, sin))
+        k = sites("k", apply_rope(project_heads(x, attn_p["k_proj"]), cos, sin))
+        v = sites("v", project_heads(x, attn_p["v_proj"]))
+        report = sites.report
         if "k_cache" in per_layer:  # write the new keys/values into this layer's cache
             at = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(per_layer["k_cache"], k.astype(per_layer["k_cache"].dtype), at)
@@ -78,17 +83,13 @@ def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, masks, cos, sin, cac
         want_pattern = "attn_pattern" in wanted
         out, pattern = attention(
             q, k, v, scale=cfg.head_dim**-0.5, mask=mask, return_pattern=want_pattern,
-            fused=fused and not want_pattern,
+            fused=fused and not want_pattern and attn_edit_free, score_edit=score_editor(attn_ops, groups),
         )
-        pick(report, "attn_pattern", pattern, wanted)
-        attn_out = merge_heads(out, attn_p["o_proj"])
-        pick(report, "attn_out", attn_out, wanted)
-        h = h + attn_out
-        pick(report, "resid_mid", h, wanted)
-        mlp_out = gated_mlp(rms_norm(h, p["post_attention_layernorm"], cfg.rms_norm_eps), p["mlp"], cfg.hidden_act)
-        pick(report, "mlp_out", mlp_out, wanted)
-        h = h + mlp_out
-        pick(report, "resid_post", h, wanted)
+        sites.record("attn_pattern", pattern)
+        attn_out = sites("attn_out", merge_heads(sites("z", out), attn_p["o_proj"]))
+        h = sites("resid_mid", h + attn_out)
+        x = rms_norm(h, p["post_attention_layernorm"], cfg.rms_norm_eps)
+        h = sites("resid_post", h + sites("mlp_out", gated_mlp(x, p["mlp"], cfg.hidden_act)))
         return h, report
 
     return layer
@@ -105,6 +106,8 @@ def forward(
     fused: bool = False,
     cache: dict | None = None,
     cache_index: jax.Array | int = 0,
+    site_ops=(),
+    attention_ops=(),
 ):
     """Runs every decoder layer.
 
@@ -115,6 +118,7 @@ def forward(
       capture: per-layer sites (LAYER_SITES) to return stacked [L, ...].
       cache: {'k', 'v': [L, B, S, K, E]} or None.
       cache_index: slot of the first of the T tokens in the cache.
+      site_ops, attention_ops: this tower's edits (vlm_jax.interp.edits).
 
     Returns:
       (h [B, T, D] after the last layer, before the final norm; {site: [L, ...]};
@@ -128,10 +132,20 @@ def forward(
     cos, sin = rope_cos_sin(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, positions, embeds.dtype, seq_len)
     kinds = sorted(set(cfg.sliding_windows), key=lambda w: -1 if w is None else w)
     masks = jnp.stack([causal_mask(key_valid, query_index, key_index, w) for w in kinds])
-    per_layer = {"mask_kind": jnp.asarray([kinds.index(w) for w in cfg.sliding_windows], jnp.int32)}
+    edit_xs, rebuild = layer_slices([*site_ops, *attention_ops], cfg.num_layers)
+    n_site = len(site_ops)
+
+    def rebuild_edits(xs_i):
+        ops = rebuild(xs_i)
+        return ops[:n_site], ops[n_site:]
+
+    per_layer = {
+        "mask_kind": jnp.asarray([kinds.index(w) for w in cfg.sliding_windows], jnp.int32),
+        "edits": edit_xs,
+    }
     if cache is not None:
         per_layer["k_cache"], per_layer["v_cache"] = cache["k"], cache["v"]
-    layer = _layer(cfg, frozenset(capture), fused, masks, cos, sin, cache_index)
+    layer = _layer(cfg, frozenset(capture), fused, masks, cos, sin, cache_index, rebuild_edits, not attention_ops)
     h, report = scan_layers(layer, embeds, params["layers"], per_layer)
     new_cache = None
     if cache is not None:

@@ -14,13 +14,15 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.config import VisionConfig
-from vlm_jax.models.layers import gated_mlp, merge_heads, pick, plain_mlp, project_heads, scan_layers
+from vlm_jax.interp.edits import layer_slices
+from vlm_jax.interp.site_hooks import Sites, score_editor
+from vlm_jax.models.layers import gated_mlp, merge_heads, plain_mlp, project_heads, scan_layers
 from vlm_jax.models.params import ParamSpec, dense, norm, stack
 from vlm_jax.nn.attention import attention
 from vlm_jax.nn.interpolate import bicubic_matrix
 from vlm_jax.nn.norms import layer_norm
 
-LAYER_SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post", "attn_pattern", "q", "k", "v")
+LAYER_SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post", "attn_pattern", "q", "k", "v", "z")
 
 
 def param_specs(cfg: VisionConfig) -> dict:
@@ -131,34 +133,30 @@ def embed(params: dict, cfg: VisionConfig, pixel_values: jax.Array) -> jax.Array
     return tokens
 
 
-def _layer(cfg: VisionConfig, wanted: frozenset, fused: bool):
+def _layer(cfg: VisionConfig, wanted: frozenset, fused: bool, rebuild_edits, attn_edit_free: bool):
     def layer(p: dict, h: jax.Array, per_layer: dict, index):
-        report: dict = {}
-        pick(report, "resid_pre", h, wanted)
+        site_ops, attn_ops = rebuild_edits(per_layer["edits"])
+        sites = Sites(wanted, site_ops, attn_ops, prefix="vision.")
+        h = sites("resid_pre", h)
         x = layer_norm(h, p["layer_norm1"], cfg.layer_norm_eps)
         attn_p = p["self_attn"]
-        q, k, v = (project_heads(x, attn_p[name]) for name in ("q_proj", "k_proj", "v_proj"))
-        for name, value in (("q", q), ("k", k), ("v", v)):
-            pick(report, name, value, wanted)
+        q, k, v = (sites(name, project_heads(x, attn_p[f"{name}_proj"])) for name in ("q", "k", "v"))
+        want_pattern = "attn_pattern" in wanted
         out, pattern = attention(
-            q, k, v, scale=cfg.head_dim**-0.5, return_pattern="attn_pattern" in wanted,
-            fused=fused and "attn_pattern" not in wanted,
+            q, k, v, scale=cfg.head_dim**-0.5, return_pattern=want_pattern,
+            fused=fused and not want_pattern and attn_edit_free, score_edit=score_editor(attn_ops, 1),
         )
-        pick(report, "attn_pattern", pattern, wanted)
-        attn_out = merge_heads(out, attn_p["out_proj"])
+        sites.record("attn_pattern", pattern)
+        attn_out = merge_heads(sites("z", out), attn_p["out_proj"])
         if cfg.layer_scale:
             attn_out = attn_out * p["layer_scale1"]["lambda1"]
-        pick(report, "attn_out", attn_out, wanted)
-        h = h + attn_out
-        pick(report, "resid_mid", h, wanted)
+        h = sites("resid_mid", h + sites("attn_out", attn_out))
         x = layer_norm(h, p["layer_norm2"], cfg.layer_norm_eps)
         mlp_out = gated_mlp(x, p["mlp"], "silu") if cfg.swiglu else plain_mlp(x, p["mlp"], cfg.hidden_act)
         if cfg.layer_scale:
             mlp_out = mlp_out * p["layer_scale2"]["lambda1"]
-        pick(report, "mlp_out", mlp_out, wanted)
-        h = h + mlp_out
-        pick(report, "resid_post", h, wanted)
-        return h, report
+        h = sites("resid_post", h + sites("mlp_out", mlp_out))
+        return h, sites.report
 
     return layer
 
@@ -171,6 +169,8 @@ def forward(
     *,
     capture: frozenset = frozenset(),
     fused: bool = False,
+    site_ops=(),
+    attention_ops=(),
 ):
     """Runs the tower far enough to produce the requested hidden states.
 
@@ -179,19 +179,30 @@ def forward(
       hidden_state_indices: indices into transformers' hidden_states tuple (0 = embeddings,
         i + 1 = output of layer i) to return.
       capture: per-layer site names (LAYER_SITES) to return stacked over all layers.
+      site_ops, attention_ops: this tower's edits (vlm_jax.interp.edits).
 
     Returns:
       (list of [N, P, D] hidden states in the order asked, {site: [L, N, P, ...]},
        output of the last layer run [N, P, D]).
     """
     h0 = embed(params, cfg, pixel_values)
-    # Only run every layer when per-layer activations are asked for.
-    n_run = cfg.num_layers if capture else max(hidden_state_indices)
+    # Every layer runs when per-layer activations are captured or edited; else only up to
+    # the deepest feature layer.
+    edited = bool(site_ops or attention_ops)
+    n_run = cfg.num_layers if (capture or edited) else max(hidden_state_indices)
     inner = set(capture)
     # Hidden states other than the embeddings and the last layer run come from resid_post.
     if any(0 < i < n_run for i in hidden_state_indices):
         inner.add("resid_post")
-    h, report = scan_layers(_layer(cfg, frozenset(inner), fused), h0, params["layers"], n_layers=n_run)
+    edit_xs, rebuild = layer_slices([*site_ops, *attention_ops], cfg.num_layers)
+    n_site = len(site_ops)
+
+    def rebuild_edits(xs_i):
+        ops = rebuild(xs_i)
+        return ops[:n_site], ops[n_site:]
+
+    layer = _layer(cfg, frozenset(inner), fused, rebuild_edits, not attention_ops)
+    h, report = scan_layers(layer, h0, params["layers"], {"edits": edit_xs}, n_layers=n_run)
     selected = []
     for i in hidden_state_indices:
         selected.append(h0 if i == 0 else h if i == n_run else report["resid_post"][i - 1])

@@ -1,7 +1,8 @@
 """Activation functions under transformers' ACT2FN names.
 
-Each is evaluated in float32 and cast back, as PyTorch's CPU/GPU kernels do for bf16/fp16
-inputs, so low-precision runs round the same way as transformers.
+Each is evaluated in at least float32 and cast back, as PyTorch's CPU/GPU kernels do for
+bf16/fp16 inputs, so low-precision runs round the same way as transformers (float64 stays
+float64).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 
 def _in_f32(fn):
     def wrapped(x):
-        return fn(x.astype(jnp.float32)).astype(x.dtype)
+        return fn(x.astype(jnp.promote_types(x.dtype, jnp.float32))).astype(x.dtype)
 
     return wrapped
 

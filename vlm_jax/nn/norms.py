@@ -9,14 +9,15 @@ import jax.numpy as jnp
 def layer_norm(x: jax.Array, params: dict, eps: float) -> jax.Array:
     """LayerNorm over the last axis. x [..., D]; params {'scale' [D], 'bias' [D]}.
 
-    Statistics and the affine map are computed in float32 and rounded once, like
+    Statistics and the affine map are computed in (at least) float32 and rounded once, like
     torch.nn.functional.layer_norm on bf16 inputs.
     """
-    xf = x.astype(jnp.float32)
+    compute = jnp.promote_types(x.dtype, jnp.float32)
+    xf = x.astype(compute)
     mean = jnp.mean(xf, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
     y = (xf - mean) * jax.lax.rsqrt(var + eps)
-    y = y * params["scale"].astype(jnp.float32) + params["bias"].astype(jnp.float32)
+    y = y * params["scale"].astype(compute) + params["bias"].astype(compute)
     return y.astype(x.dtype)
 
 
@@ -26,7 +27,7 @@ def rms_norm(x: jax.Array, params: dict, eps: float) -> jax.Array:
     Normalised in float32, rounded to x's dtype, then multiplied by the weight: the order
     transformers' LlamaRMSNorm uses (it matters in bf16).
     """
-    xf = x.astype(jnp.float32)
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
     y = (xf * jax.lax.rsqrt(var + eps)).astype(x.dtype)
     return params["scale"] * y
