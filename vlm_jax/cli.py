@@ -1,4 +1,4 @@
-"""`vlm-jax` command line: demo, convert, export, generate."""
+"""`vlm-jax` command line: demo, convert, export, generate, lens."""
 
 from __future__ import annotations
 
@@ -58,17 +58,35 @@ def cmd_generate(args) -> int:
 
     model = vj.load(args.model, dtype=_dtype(args.dtype))
     images = [_open_image(p) for p in args.image]
-    prompt = args.prompt
-    if args.chat:
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
-        batch = model.prepare(conversation=[{"role": "user", "content": content}], images=images or None)
-    else:
-        if images and "<image>" not in prompt:
-            prompt = "<image>\n" * len(images) + prompt
-        batch = model.prepare(prompt, images=images or None)
+    batch = _prepare(model, images, args.prompt, args.chat)
     result = model.generate(batch, args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     print(result.texts[0] if result.texts else result.tokens[0].tolist())
+    return 0
+
+
+def _prepare(model, images, prompt: str, chat: bool):
+    if chat:
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+        return model.prepare(conversation=[{"role": "user", "content": content}], images=images or None)
+    if images and "<image>" not in prompt:
+        prompt = "<image>\n" * len(images) + prompt
+    return model.prepare(prompt, images=images or None)
+
+
+def cmd_lens(args) -> int:
+    import vlm_jax as vj
+    from vlm_jax.interp.lens_report import lens_table, patch_lens, plot_patch_lens
+
+    model = vj.load(args.model, dtype=_dtype(args.dtype))
+    images = [_open_image(p) for p in args.image]
+    batch = _prepare(model, images, args.prompt, args.chat)
+    lens = patch_lens(model, batch, image=args.image_index, k=args.k)
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    plot_patch_lens(lens, args.out, layers, title=f"logit lens: {os.path.basename(args.image[args.image_index])}")
+    print(lens_table(lens, layers))
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -115,6 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("lens", help="logit lens of every patch of an image: PNG + text table")
+    p.add_argument("--model", required=True, help="hub id, transformers folder or vlm_jax checkpoint")
+    p.add_argument("--image", action="append", required=True, help="image file (repeat for several)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    p.add_argument("--image-index", type=int, default=0, help="which image's patches to show")
+    p.add_argument("--layers", help="comma-separated layers to plot (default: up to 8, evenly spaced)")
+    p.add_argument("--k", type=int, default=3, help="top tokens listed for the last position")
+    p.add_argument("--out", default="lens.png", help="PNG path")
+    p.add_argument("--dtype")
+    p.set_defaults(fn=cmd_lens)
     return parser
 
 

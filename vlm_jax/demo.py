@@ -41,10 +41,8 @@ def format_lens_table(tokens: list[list[str]], probs: np.ndarray, columns: list[
 
 
 def run_demo(workdir: str = "checkpoints", max_new_tokens: int = 12) -> str:
-    import jax.numpy as jnp
-
     import vlm_jax as vj
-    from vlm_jax.interp.logit_lens import logit_lens_topk
+    from vlm_jax.interp.logit_lens import logit_lens, stack_residuals
     from vlm_jax.random_model import build_tokenizer, make_random_llava, tiny_hf_config
 
     start = time.perf_counter()
@@ -64,9 +62,8 @@ def run_demo(workdir: str = "checkpoints", max_new_tokens: int = 12) -> str:
     print(f"      greedy continuation ({max_new_tokens} tokens): {result.texts[0]!r}")
 
     out = model.run(batch, capture=("text.embed", "text.resid_post"))
-    resid = jnp.concatenate([out.acts["text.embed"][None], out.acts["text.resid_post"]], axis=0)
-    ids, probs = logit_lens_topk(model.params, model.config, resid, k=1)
-    ids, probs = np.asarray(ids)[:, 0, :, 0], np.asarray(probs)[:, 0, :, 0]  # [L + 1, T]
+    lens = logit_lens(model.params, model.config, stack_residuals(out.acts), k=1)
+    ids, probs = np.asarray(lens.top_ids)[:, 0, :, 0], np.asarray(lens.top_probs)[:, 0, :, 0]  # [L + 1, T]
     tmap = batch.image_tokens
     image_pos = np.nonzero(tmap.patch_mask[0])[0]
     chosen = [int(image_pos[0]), int(image_pos[len(image_pos) // 2]), int(batch.last_positions[0])]
