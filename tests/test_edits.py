@@ -298,3 +298,26 @@ def test_bad_edits_are_clear_errors(setup):
         model.run(batch, fused_attention=True, edits=model.edits().diagonal_attention("vision"))
     with pytest.raises(ValueError, match="edges have shape"):
         model.run(batch, edits=model.edits().block_attention("text", queries=np.ones(3, bool), keys=np.ones(3, bool)))
+
+
+def test_prefix_shared_sweep_equals_one_by_one(setup):
+    """Text-only edit sets take the prefix-sharing path; results match single runs."""
+    from vlm_jax.interp.sweep import first_edited_layers
+
+    model, _, batch, image_mask, text_mask = setup
+    last = np.full((2, 1), batch["input_ids"].shape[1] - 1, np.int32)
+    sets = [model.edits().zero("text.resid_post", layers=1, where=image_mask).block_attention(
+                "text", layers=1, queries=text_mask, keys=image_mask),
+            model.edits().zero("text.resid_post", layers=0, where=image_mask).block_attention(
+                "text", layers=1, queries=text_mask, keys=image_mask),
+            model.edits().zero("text.resid_post", layers=1, where=np.zeros_like(image_mask)).block_attention(
+                "text", layers=1, heads=[], queries=text_mask, keys=image_mask)]
+    from vlm_jax.interp.edits import stack_edits
+
+    assert first_edited_layers(stack_edits(sets), 3) == [1, 0, 2]  # the third set edits nothing
+    swept = model.run_sweep(batch, sets, logit_positions=last)
+    for i, edits in enumerate(sets):
+        one = model.run(batch, edits=edits, logit_positions=last)
+        np.testing.assert_allclose(np.asarray(swept.logits[i]), np.asarray(one.logits), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(swept.logits[2]), np.asarray(model.run(batch, logit_positions=last).logits),
+                               rtol=1e-5, atol=1e-6)

@@ -270,3 +270,21 @@ def test_lens_command_writes_a_png_and_prints_a_table(random_llava, tmp_path, ca
     assert "most frequent patch tokens" in printed and printed.count("\n") >= 5
     with Image.open(out) as png:
         assert png.format == "PNG" and png.size[0] > 300
+
+
+def test_block_top_k_is_exact():
+    import jax
+    import jax.numpy as jnp
+
+    from vlm_jax.interp.logit_lens import _block_size, block_top_k
+
+    rng = np.random.RandomState(3)
+    logits = jnp.asarray(rng.randn(50, 32064).astype(np.float32))
+    logits = logits.at[7, 100:105].set(9.0 + jnp.arange(5.0))  # the top 5 of a row in one block
+    block = _block_size(32064, 5)
+    assert block is not None and 32064 % block == 0
+    values, ids = block_top_k(logits, 5, block)
+    want_values, want_ids = jax.lax.top_k(logits, 5)
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
+    np.testing.assert_array_equal(np.asarray(values), np.asarray(want_values))
+    assert _block_size(160, 5) is None

@@ -21,6 +21,7 @@ from vlm_jax.config import LlavaConfig
 from vlm_jax.errors import InputError
 from vlm_jax.inputs import Batch, Processor, as_numpy_inputs
 from vlm_jax.interp.edits import AttentionEdit, Edits, stack_edits, validate_against_inputs
+from vlm_jax.interp.sweep import first_edited_layers, shared_prefix_sweep
 from vlm_jax.models import llava
 from vlm_jax.weights import Layout
 
@@ -205,6 +206,13 @@ class Model:
         self._check_edits(first, arrays, fused_attention)
         fused = default_fused_attention() if fused_attention is None else fused_attention
         positions = None if logit_positions is None else jnp.asarray(logit_positions, jnp.int32)
+        n_sets = jax.tree.leaves(stacked)[0].shape[0] if stacked.ops else 0
+        starts = first_edited_layers(stacked, n_sets) if (stacked.ops and not capture and compute_logits) else None
+        n_layers = self.config.text.num_layers
+        if starts is not None and sum(1 + sum(s <= j for s in starts) for j in range(n_layers)) < n_sets * n_layers:
+            # every edit is in the text decoder: share the layers before each set's first edit
+            logits = shared_prefix_sweep(self.params, self.config, arrays, stacked, starts, positions, fused)
+            return llava.Output(logits=logits, acts={})
         return _sweep_jit(self.params, self.config, arrays, stacked, tuple(sorted(set(capture))), fused,
                           positions, compute_logits)
 

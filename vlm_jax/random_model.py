@@ -98,20 +98,25 @@ def tiny_hf_config(vocab_size: int, image_token_id: int, *, vision_layers: int =
 
 
 def make_random_llava(out_dir: str | Path, hf_config: dict | None = None, *, seed: int = 0, dtype=jnp.float32,
-                      std: float = 0.02, force: bool = False) -> str:
+                      std: float = 0.02, force: bool = False, with_processor: bool = True) -> str:
     """Writes a random LLaVA transformers folder (config, safetensors, tokenizer, processor).
 
-    Without hf_config, a tiny CLIP + Llama model over the built-in word vocabulary.
+    Without hf_config, a tiny CLIP + Llama model over the built-in word vocabulary. The
+    processor (word tokenizer) is only written when its <image> id matches the config's.
     """
     tokenizer = build_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     hf_config = hf_config or tiny_hf_config(len(tokenizer), image_token_id)
     cfg = from_hf_config(hf_config)
+    if with_processor and cfg.image_token_id != image_token_id:
+        raise ValueError(f"the word tokenizer's <image> id is {image_token_id} but the config says "
+                         f"{cfg.image_token_id}; pass with_processor=False")
     if cfg.text.vocab_size < len(tokenizer):
         raise ValueError(f"vocab_size {cfg.text.vocab_size} is smaller than the tokenizer ({len(tokenizer)})")
     params = llava.init_params(cfg, jax.random.key(seed), dtype, std)
     with atomic_output_dir(out_dir, force) as tmp:
         write_safetensors(params, cfg, str(tmp), Layout.default(cfg))
         (tmp / "config.json").write_text(json.dumps({**hf_config, "dtype": jnp.dtype(dtype).name}, indent=2))
-        build_processor(tokenizer, hf_config).save_pretrained(str(tmp))
+        if with_processor:
+            build_processor(tokenizer, hf_config).save_pretrained(str(tmp))
     return str(Path(out_dir).absolute())

@@ -46,11 +46,40 @@ def lens_logits(params: dict, config: LlavaConfig, h: jax.Array) -> jax.Array:
     return text_decoder.unembed(lm, params.get("lm_head"), text_decoder.final_norm(lm, config.text, h))
 
 
+def _block_size(vocab: int, k: int) -> int | None:
+    """A divisor of the vocabulary near 64 for block_top_k, or None (plain top_k is as good)."""
+    if vocab < 4096:
+        return None
+    for step in range(0, 64):
+        for b in (64 + step, 64 - step):
+            if 16 <= b and vocab % b == 0 and vocab // b >= k:
+                return b
+    return None
+
+
+def block_top_k(logits: jax.Array, k: int, block: int):
+    """Exact top-k over the last axis, via the top-k blocks of `block` entries by block max.
+
+    Every one of the k largest entries lies in a block whose max is among the k largest block
+    maxima, so the answer is the top-k of those k blocks' entries. On CPU this is ~5x cheaper
+    than lax.top_k over a 32k vocabulary (one max pass instead of a sort-like selection).
+    Entries tied at the k-th value may be ordered differently than lax.top_k orders them.
+    """
+    n, vocab = logits.shape
+    blocks = logits.reshape(n, vocab // block, block)
+    _, block_ids = jax.lax.top_k(jnp.max(blocks, axis=-1), k)  # [n, k]
+    candidates = jnp.take_along_axis(blocks, block_ids[:, :, None], axis=1).reshape(n, k * block)
+    values, where = jax.lax.top_k(candidates, k)
+    ids = jnp.take_along_axis(block_ids, where // block, axis=1) * block + where % block
+    return values, ids
+
+
 def _one_chunk(params, config, h, k, targets):
     """h [C, D] -> top-k and target statistics for C positions."""
     logits = lens_logits(params, config, h).astype(jnp.float32)  # [C, V]
     lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-    top_logits, top_ids = jax.lax.top_k(logits, k)
+    block = _block_size(logits.shape[-1], k)
+    top_logits, top_ids = block_top_k(logits, k, block) if block else jax.lax.top_k(logits, k)
     out = [top_ids.astype(jnp.int32), jnp.exp(top_logits - lse)]
     if targets is not None:
         valid = targets >= 0  # [n, S]
@@ -79,7 +108,7 @@ def _lens(params, config, resid, targets, k, chunk):
 
 
 def logit_lens(params: dict, config: LlavaConfig, resid: jax.Array, *, k: int = 5,
-               targets: Sequence[Sequence[int]] | np.ndarray | None = None, chunk: int = 1024) -> LensResult:
+               targets: Sequence[Sequence[int]] | np.ndarray | None = None, chunk: int = 576) -> LensResult:
     """Logit lens statistics for residual states resid [L, ..., D].
 
     Args:

@@ -113,6 +113,31 @@ def image_features(params: dict, cfg: LlavaConfig, pixel_values: jax.Array, *, c
     return projected, acts
 
 
+def embed_inputs(params: dict, config: LlavaConfig, inputs: Mapping[str, Any], *, capture=(), edits=None,
+                 fused_attention: bool = False):
+    """Token embeddings with the image features merged in (the text decoder's input).
+
+    Returns (embeds [B, T, D], position_ids [B, T], attention_mask [B, T], acts).
+    """
+    input_ids = jnp.asarray(inputs["input_ids"])
+    attention_mask = inputs.get("attention_mask")
+    attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
+    position_ids = inputs.get("position_ids")
+    position_ids = default_positions(attention_mask) if position_ids is None else jnp.asarray(position_ids)
+    embeds = jnp.take(params["language_model"]["embed_tokens"]["embedding"], input_ids, axis=0)
+    acts: dict = {}
+    pixel_values = inputs.get("pixel_values")
+    if pixel_values is not None:
+        projected, vacts = image_features(params, config, jnp.asarray(pixel_values), capture=capture,
+                                          fused=fused_attention, edits=edits)
+        acts.update(vacts)
+        embeds = merge_image_features(embeds, input_ids == config.image_token_id, projected)
+    embeds = _apply_global(edits, "text.embed", embeds)
+    if "text.embed" in capture:
+        acts["text.embed"] = embeds
+    return embeds, position_ids, attention_mask, acts
+
+
 def forward(
     params: dict,
     config: LlavaConfig,
@@ -147,24 +172,9 @@ def forward(
         edits = None  # an empty edit set is the plain forward pass
     if edits is not None and cache is not None:
         raise ValueError("edits are not supported with a KV cache (generation); run the forward pass instead")
-    input_ids = jnp.asarray(inputs["input_ids"])
-    attention_mask = inputs.get("attention_mask")
-    attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
-    position_ids = inputs.get("position_ids")
-    position_ids = default_positions(attention_mask) if position_ids is None else jnp.asarray(position_ids)
+    embeds, position_ids, attention_mask, acts = embed_inputs(params, config, inputs, capture=capture, edits=edits,
+                                                              fused_attention=fused_attention)
     lm = params["language_model"]
-
-    embeds = jnp.take(lm["embed_tokens"]["embedding"], input_ids, axis=0)
-    acts: dict = {}
-    pixel_values = inputs.get("pixel_values")
-    if pixel_values is not None:
-        projected, vacts = image_features(params, config, jnp.asarray(pixel_values), capture=capture,
-                                          fused=fused_attention, edits=edits)
-        acts.update(vacts)
-        embeds = merge_image_features(embeds, input_ids == config.image_token_id, projected)
-    embeds = _apply_global(edits, "text.embed", embeds)
-    if "text.embed" in capture:
-        acts["text.embed"] = embeds
 
     wanted = layer_sites(capture, "text")
     site_ops, attention_ops = for_tower(edits, "text")

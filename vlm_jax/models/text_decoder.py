@@ -19,9 +19,12 @@ from vlm_jax.interp.edits import layer_slices
 from vlm_jax.interp.site_hooks import Sites, score_editor
 from vlm_jax.models.layers import gated_mlp, merge_heads, project_heads, scan_layers
 from vlm_jax.models.params import ParamSpec, dense, norm, stack
-from vlm_jax.nn.attention import attention, causal_mask
+from vlm_jax.nn.attention import attention, causal_mask, mask_to_bias
 from vlm_jax.nn.norms import rms_norm
 from vlm_jax.nn.rope import apply_rope, rope_cos_sin
+
+# Query block of the causal attention on full sequences (no cache): measured best on CPU.
+CAUSAL_BLOCK = 128
 
 LAYER_SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post", "attn_pattern", "q", "k", "v", "z")
 
@@ -60,7 +63,7 @@ def param_specs(cfg: TextConfig) -> dict:
     }
 
 
-def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, masks, cos, sin, cache_index, rebuild_edits,
+def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, cache_index, rebuild_edits,
            attn_edit_free: bool):
     groups = cfg.num_heads // cfg.num_kv_heads
 
@@ -79,11 +82,12 @@ def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, masks, cos, sin, cac
             k = jax.lax.dynamic_update_slice(per_layer["k_cache"], k.astype(per_layer["k_cache"].dtype), at)
             v = jax.lax.dynamic_update_slice(per_layer["v_cache"], v.astype(per_layer["v_cache"].dtype), at)
             report["k_cache"], report["v_cache"] = k, v
-        mask = masks[per_layer["mask_kind"]] if masks.shape[0] > 1 else masks[0]
+        bias = biases[per_layer["mask_kind"]] if biases.shape[0] > 1 else biases[0]
         want_pattern = "attn_pattern" in wanted
         out, pattern = attention(
-            q, k, v, scale=cfg.head_dim**-0.5, mask=mask, return_pattern=want_pattern,
+            q, k, v, scale=cfg.head_dim**-0.5, bias=bias, return_pattern=want_pattern,
             fused=fused and not want_pattern and attn_edit_free, score_edit=score_editor(attn_ops, groups),
+            causal_block=None if "k_cache" in per_layer else CAUSAL_BLOCK,
         )
         sites.record("attn_pattern", pattern)
         attn_out = sites("attn_out", merge_heads(sites("z", out), attn_p["o_proj"]))
@@ -108,8 +112,9 @@ def forward(
     cache_index: jax.Array | int = 0,
     site_ops=(),
     attention_ops=(),
+    layer_range: tuple[int, int] | None = None,
 ):
-    """Runs every decoder layer.
+    """Runs every decoder layer (or the layers in `layer_range` = (start, end)).
 
     Args:
       embeds: [B, T, D] input embeddings (image features already merged in).
@@ -119,6 +124,8 @@ def forward(
       cache: {'k', 'v': [L, B, S, K, E]} or None.
       cache_index: slot of the first of the T tokens in the cache.
       site_ops, attention_ops: this tower's edits (vlm_jax.interp.edits).
+      layer_range: run only layers start..end-1 (embeds is then layer start's input); used by
+        sweeps that share the layers before an edit.
 
     Returns:
       (h [B, T, D] after the last layer, before the final norm; {site: [L, ...]};
@@ -131,7 +138,7 @@ def forward(
     seq_len = jnp.max(positions) + 1
     cos, sin = rope_cos_sin(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, positions, embeds.dtype, seq_len)
     kinds = sorted(set(cfg.sliding_windows), key=lambda w: -1 if w is None else w)
-    masks = jnp.stack([causal_mask(key_valid, query_index, key_index, w) for w in kinds])
+    biases = jnp.stack([mask_to_bias(causal_mask(key_valid, query_index, key_index, w)) for w in kinds])
     edit_xs, rebuild = layer_slices([*site_ops, *attention_ops], cfg.num_layers)
     n_site = len(site_ops)
 
@@ -145,8 +152,12 @@ def forward(
     }
     if cache is not None:
         per_layer["k_cache"], per_layer["v_cache"] = cache["k"], cache["v"]
-    layer = _layer(cfg, frozenset(capture), fused, masks, cos, sin, cache_index, rebuild_edits, not attention_ops)
-    h, report = scan_layers(layer, embeds, params["layers"], per_layer)
+    stacked = params["layers"]
+    if layer_range is not None:
+        start, end = layer_range
+        stacked, per_layer = jax.tree.map(lambda a: a[start:end], (stacked, per_layer))
+    layer = _layer(cfg, frozenset(capture), fused, biases, cos, sin, cache_index, rebuild_edits, not attention_ops)
+    h, report = scan_layers(layer, embeds, stacked, per_layer)
     new_cache = None
     if cache is not None:
         new_cache = {"k": report.pop("k_cache"), "v": report.pop("v_cache")}

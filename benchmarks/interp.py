@@ -1,0 +1,210 @@
+"""Interpretability workloads, vlm_jax vs transformers (PyTorch), same run, same machine.
+
+Model: the LLaVA-1.5-shaped CPU preset (CLIP 4x256 at 336 px / 14 -> 576 image tokens, Llama
+8x512, vocab 32064, ~62M parameters), random weights written once as a transformers folder so
+both libraries load the same tensors. Inputs: batch 1 and 4, one image each, ~600 tokens.
+
+Workloads (each checked equal between the two libraries before timing):
+  forward      logits at every position
+  capture      forward + every text residual stream (embeddings + each layer's output)
+  lens         all-layer logit lens, top-5 at the 576 image tokens, forward included
+  sweep8       8 single-layer zero ablations of the image tokens' residual, logits at the last
+               position: one vmapped call (vlm_jax) vs 8 hooked forwards (transformers)
+Reported: median seconds, the FLOP floor at the machine's best measured matmul rate, the ratio
+time / floor, and vlm_jax's speed-up over transformers.
+
+    python benchmarks/interp.py [--batches 1 4] [--repeats 5] [--workdir /tmp/vlm_jax_bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import forward_flops, lens_flops, machine, matmul_peak, timed  # noqa: E402
+
+PRESET = "llava-1.5-cpu-60m"
+
+
+def build_model(workdir: str) -> str:
+    from vlm_jax.config import PRESETS
+    from vlm_jax.random_model import make_random_llava
+
+    folder = os.path.join(workdir, "llava-1.5-cpu-60m-hf")
+    if not os.path.exists(folder):
+        make_random_llava(folder, PRESETS[PRESET], with_processor=False)
+    return folder
+
+
+def make_inputs(cfg, batch: int, seed: int = 0) -> dict:
+    rng = np.random.RandomState(seed)
+    n_img = cfg.image_tokens_per_image()
+    rows = [[1, *rng.randint(3, 31000, 5), *[cfg.image_token_id] * n_img, *rng.randint(3, 31000, 19)]
+            for _ in range(batch)]
+    ids = np.array(rows, np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids),
+            "pixel_values": rng.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size).astype(np.float32)}
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--workdir", default="/tmp/vlm_jax_bench")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    import vlm_jax as vj
+    from vlm_jax.interp.logit_lens import gather_positions, logit_lens, stack_residuals
+    from vlm_jax.models import llava
+
+    folder = build_model(args.workdir)
+    model = vj.load(folder, progress=False)
+    cfg = model.config
+    hf = LlavaForConditionalGeneration.from_pretrained(folder, attn_implementation="sdpa").eval()
+    peak = matmul_peak()
+    print(f"machine: {machine()}; torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(f"best float32 matmul: {peak['best'] / 1e9:.0f} GFLOP/s (jax {peak['jax'] / 1e9:.0f}, "
+          f"torch {peak.get('torch', 0) / 1e9:.0f})")
+    n_layers = cfg.text.num_layers
+
+    @jax.jit
+    def jax_forward(params, arrays):
+        return llava.forward(params, cfg, arrays).logits
+
+    @jax.jit
+    def jax_capture(params, arrays):
+        out = llava.forward(params, cfg, arrays, capture=("text.embed", "text.resid_post"))
+        return out.logits, out.acts
+
+    def lens_fn(params, arrays, positions):
+        out = llava.forward(params, cfg, arrays, capture=("text.embed", "text.resid_post"), compute_logits=False)
+        states = gather_positions(stack_residuals(out.acts), positions)
+        lens = logit_lens(params, cfg, states, k=5)
+        return lens.top_ids, lens.top_probs
+
+    jax_lens = jax.jit(lens_fn)
+
+    results = []
+    for batch in args.batches:
+        inputs = make_inputs(cfg, batch)
+        arrays = {k: jnp.asarray(v.astype(np.int32) if v.dtype == np.int64 else v) for k, v in inputs.items()}
+        t_inputs = {k: torch.from_numpy(v) for k, v in inputs.items()}
+        image_mask = inputs["input_ids"] == cfg.image_token_id
+        positions = np.stack([np.nonzero(row)[0] for row in image_mask]).astype(np.int32)
+        t_len = inputs["input_ids"].shape[1]
+        fwd_flops = forward_flops(cfg, batch, t_len, batch)
+        floor = lambda flops: flops / peak["best"]  # noqa: E731
+
+        def record(name, ours, theirs, flops, note=""):
+            row = {"batch": batch, "workload": name, "vlm_jax_s": ours["median"],
+                   "transformers_s": theirs["median"] if theirs else None, "floor_s": floor(flops),
+                   "vlm_jax_over_floor": ours["median"] / floor(flops),
+                   "transformers_over_floor": theirs["median"] / floor(flops) if theirs else None,
+                   "speedup": theirs["median"] / ours["median"] if theirs else None, "note": note}
+            results.append(row)
+
+        # --- forward -------------------------------------------------------------------------
+        with torch.no_grad():
+            hf_out = hf(**t_inputs, output_hidden_states=True)
+        ours_logits = jax_forward(model.params, arrays)
+        assert rel_err(ours_logits, hf_out.logits.numpy()) < 1e-4, "forward logits differ"
+        with torch.no_grad():
+            t_hf = timed(lambda: hf(**t_inputs), args.repeats)
+        t_ours = timed(lambda: jax_forward(model.params, arrays).block_until_ready(), args.repeats)
+        record("forward", t_ours, t_hf, fwd_flops)
+
+        # --- capture every text residual -----------------------------------------------------
+        logits, acts = jax_capture(model.params, arrays)
+        hidden = np.asarray(stack_residuals(acts))
+        for layer in range(n_layers):  # transformers' last hidden state is final-normed: compare before it
+            assert rel_err(hidden[layer], hf_out.hidden_states[layer].numpy()) < 1e-4, f"hidden state {layer}"
+        with torch.no_grad():
+            t_hf = timed(lambda: hf(**t_inputs, output_hidden_states=True), args.repeats)
+        t_ours = timed(lambda: jax.block_until_ready(jax_capture(model.params, arrays)), args.repeats)
+        record("capture", t_ours, t_hf, fwd_flops, note=f"{t_ours['median'] / results[-1]['vlm_jax_s']:.3f}x forward")
+
+        # --- all-layer logit lens at the image tokens -----------------------------------------
+        lm = hf.model.language_model
+        idx = torch.from_numpy(positions.astype(np.int64))
+
+        def hf_lens():
+            with torch.no_grad():
+                out = hf(**t_inputs, output_hidden_states=True, logits_to_keep=0)
+                tops = []
+                for layer, h in enumerate(out.hidden_states):
+                    h = torch.gather(h, 1, idx[..., None].expand(-1, -1, h.shape[-1]))
+                    logits = hf.lm_head(h if layer == n_layers else lm.norm(h))
+                    tops.append(torch.topk(torch.softmax(logits, -1), 5))
+                return tops
+
+        ref = hf_lens()
+        ids, probs = jax_lens(model.params, arrays, positions)
+        ref_ids = np.stack([t.indices.numpy() for t in ref])
+        agree = float(np.mean(np.asarray(ids) == ref_ids))
+        assert agree > 0.999, f"lens top-5 ids agree at {agree:.4f}"
+        assert rel_err(probs, np.stack([t.values.numpy() for t in ref])) < 1e-3
+        t_hf = timed(hf_lens, args.repeats)
+        t_ours = timed(lambda: jax.block_until_ready(jax_lens(model.params, arrays, positions)), args.repeats)
+        lens_total = forward_flops(cfg, batch, t_len, batch, logit_positions=0) + lens_flops(
+            cfg, batch, positions.shape[1], n_layers + 1)
+        record("lens", t_ours, t_hf, lens_total, note=f"top-5 ids agree {agree:.4f}")
+
+        # --- sweep of 8 single-layer ablations -----------------------------------------------
+        last = np.full((batch, 1), t_len - 1, np.int32)
+        sets = [model.edits().zero("text.resid_post", layers=layer, where=image_mask) for layer in range(n_layers)]
+        sweep = model.run_sweep(inputs, sets, logit_positions=last, fused_attention=False).logits
+        mask_t = torch.from_numpy(image_mask)
+
+        def hf_sweep():
+            outs = []
+            for layer in range(n_layers):
+                def hook(mod, a, output):
+                    out = output.clone()
+                    out[mask_t] = 0.0
+                    return out
+
+                handle = lm.layers[layer].register_forward_hook(hook)
+                try:
+                    with torch.no_grad():
+                        outs.append(hf(**t_inputs, logits_to_keep=1).logits)
+                finally:
+                    handle.remove()
+            return outs
+
+        ref = np.stack([o.numpy() for o in hf_sweep()])
+        assert rel_err(sweep, ref) < 1e-4, "sweep logits differ"
+        t_hf = timed(hf_sweep, max(2, args.repeats // 2))
+        t_ours = timed(lambda: jax.block_until_ready(
+            model.run_sweep(inputs, sets, logit_positions=last, fused_attention=False).logits), args.repeats)
+        record("sweep8", t_ours, t_hf, n_layers * forward_flops(cfg, batch, t_len, batch, logit_positions=1))
+
+    print("\n| batch | workload | vlm_jax (s) | transformers (s) | floor (s) | vlm_jax / floor | transformers / floor "
+          "| speed-up | note |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['batch']} | {r['workload']} | {r['vlm_jax_s']:.3f} | {r['transformers_s']:.3f} | "
+              f"{r['floor_s']:.3f} | {r['vlm_jax_over_floor']:.2f} | {r['transformers_over_floor']:.2f} | "
+              f"{r['speedup']:.2f}x | {r['note']} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "peak_flops": peak, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
