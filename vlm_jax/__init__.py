@@ -17,12 +17,13 @@ from vlm_jax.errors import (
     WeightsMismatchError,
 )
 from vlm_jax.inputs import Batch, ImageTokenMap, Processor, image_token_map
+from vlm_jax.interp import Edits, logit_lens, stack_edits
 from vlm_jax.loading import load
 from vlm_jax.model import Model
 from vlm_jax.models.llava import Output, abstract_params, forward, init_params, logical_axes, param_specs
 
 __all__ = [
-    "Batch", "CheckpointMismatchError", "CorruptCheckpointError", "ImageTokenMap", "InputError", "LlavaConfig",
+    "Batch", "CheckpointMismatchError", "Edits", "logit_lens", "stack_edits", "CorruptCheckpointError", "ImageTokenMap", "InputError", "LlavaConfig",
     "Model", "Output", "OutputExistsError", "Processor", "TextConfig", "UnsupportedArchitectureError",
     "VisionConfig", "VlmJaxError", "WeightsMismatchError", "abstract_params", "forward", "from_hf_config",
     "image_token_map", "init_params", "load", "logical_axes", "param_specs", "preset", "to_hf_config",
