@@ -1,8 +1,9 @@
-"""`vlm-jax` command line: demo, convert, export, generate, lens."""
+"""`vlm-jax` command line: demo, convert, export, generate, lens, extract, probe, finetune."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -90,6 +91,89 @@ def cmd_lens(args) -> int:
     return 0
 
 
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def cmd_extract(args) -> int:
+    import numpy as np
+
+    import vlm_jax as vj
+    from vlm_jax.probe.features import extract_features
+
+    model = vj.load(args.model, dtype=_dtype(args.dtype))
+    rows = _read_jsonl(args.data)
+    base = os.path.dirname(os.path.abspath(args.data))
+
+    class Examples:  # images are opened lazily, batch by batch
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, i):
+            row = dict(rows[i])
+            paths = row.get("images", row.get("image", []))
+            paths = [paths] if isinstance(paths, str) else paths
+            row["images"] = [_open_image(os.path.join(base, p)) for p in paths]
+            return row
+
+    store = extract_features(model, Examples(), args.out, sites=tuple(args.site), pooling=tuple(args.pooling),
+                             batch_size=args.batch_size, dtype=args.store_dtype)
+    if all("label" in r for r in rows):
+        np.save(os.path.join(args.out, "labels.npy"), np.asarray([r["label"] for r in rows]))
+    print(f"features of {store.done} examples in {args.out}: {', '.join(store.meta['shapes'])}")
+    return 0
+
+
+def cmd_probe(args) -> int:
+    import numpy as np
+
+    from vlm_jax.probe.features import FeatureStore
+    from vlm_jax.probe.linear import evaluate, fit_logistic, fit_ridge, r2_score
+
+    store = FeatureStore(args.features)
+    X = store.layers_first(args.site, args.pooling)
+    labels = np.load(args.labels or os.path.join(args.features, "labels.npy"), allow_pickle=False)
+    order = np.random.default_rng(args.seed).permutation(len(labels))
+    n_test = int(round(args.test_fraction * len(labels)))
+    test, train = np.sort(order[:n_test]), np.sort(order[n_test:])
+    lambdas = tuple(args.lambdas)
+    if args.kind == "logistic":
+        probe = fit_logistic(X[:, train], labels[train], lambdas=lambdas, folds=args.folds, seed=args.seed)
+        scores = evaluate(probe, X[:, test], labels[test]).accuracy
+        metric = "accuracy"
+    else:
+        probe = fit_ridge(X[:, train], labels[train].astype(np.float32), lambdas=lambdas, seed=args.seed)
+        scores = r2_score(probe, X[:, test], labels[test])
+        metric = "r2"
+    print(f"| layer | held-out {metric} | L2 strength |")
+    print("|---|---|---|")
+    for layer, (score, lam) in enumerate(zip(scores, np.asarray(probe.lam))):
+        print(f"| {layer} | {score:.3f} | {lam:.0e} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"site": args.site, "pooling": args.pooling, "kind": args.kind, metric: scores.tolist(),
+                       "lambda": np.asarray(probe.lam).tolist(), "n_train": len(train), "n_test": len(test)}, f,
+                      indent=2)
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from vlm_jax.train import Trainer, load_config
+
+    config = load_config(args.config)
+    if args.no_resume:
+        config.resume = False
+    result = Trainer(config).run()
+    last = result.losses[max(result.losses)] if result.losses else float("nan")
+    print(f"trained {result.steps} steps (final loss {last:.4f}); checkpoints in {result.checkpoint_dir}")
+    if result.eval:
+        print(f"held-out: {result.eval[max(result.eval)]}")
+    if result.export_dir:
+        print(f"exported to {result.export_dir}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from vlm_jax.demo import run_demo
 
@@ -145,6 +229,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="lens.png", help="PNG path")
     p.add_argument("--dtype")
     p.set_defaults(fn=cmd_lens)
+
+    p = sub.add_parser("extract", help="pooled features of a JSONL dataset at chosen sites, written to disk")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="JSONL: {image(s), prompt, [label], [region], [position]} per line")
+    p.add_argument("--out", required=True, help="feature folder (resumed if it exists)")
+    p.add_argument("--site", action="append", default=[], help="capture site (repeat), e.g. text.resid_post")
+    p.add_argument("--pooling", action="append", default=[], help="image_mean | cls | last | position | "
+                   "region_mean | grid (repeat)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--store-dtype", default="float32", help="on-disk dtype (float32 or float16)")
+    p.add_argument("--dtype")
+    p.set_defaults(fn=cmd_extract)
+
+    p = sub.add_parser("probe", help="linear probes on every layer of extracted features")
+    p.add_argument("--features", required=True, help="a folder written by `vlm-jax extract`")
+    p.add_argument("--site", required=True)
+    p.add_argument("--pooling", required=True)
+    p.add_argument("--labels", help=".npy labels (default: labels.npy in the feature folder)")
+    p.add_argument("--kind", choices=("logistic", "ridge"), default="logistic")
+    p.add_argument("--lambdas", type=float, nargs="+", default=[1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
+    p.add_argument("--folds", type=int, help="pick the L2 strength by k-fold cross-validation")
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the per-layer results as JSON")
+    p.set_defaults(fn=cmd_probe)
+
+    p = sub.add_parser("finetune", help="finetune from a Python config (config() -> vlm_jax.train.TrainConfig)")
+    p.add_argument("config")
+    p.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    p.set_defaults(fn=cmd_finetune)
     return parser
 
 

@@ -137,6 +137,17 @@ class Batch(Mapping):
         return (t - 1 - reversed_first).astype(np.int32)
 
 
+def answer_token_count(tokenizer, prompt: str, answer: str) -> int:
+    """How many tokens `answer` adds after `prompt` (it may merge with the prompt's last token
+    in some tokenizers: then the answer's own tokens are counted)."""
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=True)
+    joint = tokenizer.encode(prompt + answer, add_special_tokens=True)
+    n = len(joint) - len(prompt_ids)
+    if n <= 0 or joint[: len(prompt_ids)] != prompt_ids:
+        n = len(tokenizer.encode(answer, add_special_tokens=False))
+    return n
+
+
 def as_numpy_inputs(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """The model's arrays from a processor output, a Batch or a dict (torch tensors too)."""
     out = {}

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlm_jax.inputs import answer_token_count
+
 LETTERS = ("A", "B", "C", "D")
 PREFIX = "The correct option is ("
 
@@ -55,16 +57,10 @@ def _option_rows(model, prompts, images, options, images_per_prompt):
     tok = model.processor.tokenizer
     rows, lengths, row_images = [], [], []
     for i, (prompt, opts) in enumerate(zip(prompts, options)):
-        prompt_ids = tok.encode(prompt, add_special_tokens=True)
         imgs = [] if images is None else images[sum(images_per_prompt[:i]): sum(images_per_prompt[:i + 1])]
         for option in opts:
-            joint = tok.encode(prompt + option, add_special_tokens=True)
-            n = len(joint) - len(prompt_ids)
-            if n <= 0 or joint[:len(prompt_ids)] != prompt_ids:
-                # tokenisation merged across the boundary: score the option's own tokens
-                n = len(tok.encode(option, add_special_tokens=False))
             rows.append(prompt + option)
-            lengths.append(n)
+            lengths.append(answer_token_count(tok, prompt, option))
             row_images.extend(imgs)
     return rows, lengths, (row_images or None)
 

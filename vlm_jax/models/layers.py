@@ -15,28 +15,42 @@ import jax.numpy as jnp
 from vlm_jax.nn.activations import activation
 
 
-def linear(x: jax.Array, params: dict) -> jax.Array:
-    """x [..., In] @ kernel [In, Out] (+ bias [Out])."""
-    y = jnp.einsum("...i,io->...o", x, params["kernel"])
+def _lora(x: jax.Array, params: dict, in_spec: str, out_spec: str) -> jax.Array | None:
+    """The low-rank update (x A) B * scale of a LoRA-adapted projection, or None.
+
+    A is [in..., r] and B [r, out...] (vlm_jax.train.lora adds them next to the kernel); the
+    frozen kernel gets no weight gradient, only A and B do.
+    """
+    if "lora_a" not in params:
+        return None
+    a, b = params["lora_a"], params["lora_b"]
+    low = jnp.einsum(f"...{in_spec},{in_spec}r->...r", x, a.astype(x.dtype))
+    return jnp.einsum(f"...r,r{out_spec}->...{out_spec}", low, b.astype(x.dtype)) * params["lora_scale"].astype(x.dtype)
+
+
+def _project(x: jax.Array, params: dict, in_spec: str, out_spec: str) -> jax.Array:
+    y = jnp.einsum(f"...{in_spec},{in_spec}{out_spec}->...{out_spec}", x, params["kernel"])
+    low = _lora(x, params, in_spec, out_spec)
+    if low is not None:
+        y = y + low
     if "bias" in params:
         y = y + params["bias"]
     return y
+
+
+def linear(x: jax.Array, params: dict) -> jax.Array:
+    """x [..., In] @ kernel [In, Out] (+ LoRA) (+ bias [Out])."""
+    return _project(x, params, "i", "o")
 
 
 def project_heads(x: jax.Array, params: dict) -> jax.Array:
-    """x [B, T, D] -> [B, T, H, E] with kernel [D, H, E] (+ bias [H, E])."""
-    y = jnp.einsum("btd,dhe->bthe", x, params["kernel"])
-    if "bias" in params:
-        y = y + params["bias"]
-    return y
+    """x [B, T, D] -> [B, T, H, E] with kernel [D, H, E] (+ LoRA) (+ bias [H, E])."""
+    return _project(x, params, "d", "he")
 
 
 def merge_heads(x: jax.Array, params: dict) -> jax.Array:
-    """x [B, T, H, E] -> [B, T, D] with kernel [H, E, D] (+ bias [D])."""
-    y = jnp.einsum("bthe,hed->btd", x, params["kernel"])
-    if "bias" in params:
-        y = y + params["bias"]
-    return y
+    """x [B, T, H, E] -> [B, T, D] with kernel [H, E, D] (+ LoRA) (+ bias [D])."""
+    return _project(x, params, "he", "d")
 
 
 def gated_mlp(x: jax.Array, params: dict, act: str) -> jax.Array:
@@ -55,13 +69,17 @@ def scan_layers(
     stacked_params: dict,
     per_layer: dict | None = None,
     n_layers: int | None = None,
+    remat: bool = False,
 ):
     """Applies `layer_fn(params_i, h, per_layer_i, i) -> (h, report)` for i < n_layers.
 
     stacked_params and per_layer have a leading layer axis; only the first `n_layers`
     entries are used (a vision tower stops at the feature layer). Returns the final h and
-    the reports stacked over layers.
+    the reports stacked over layers. remat recomputes each layer's activations in the
+    backward pass instead of storing them (training memory ~ one layer).
     """
+    if remat:
+        layer_fn = jax.checkpoint(layer_fn, policy=jax.checkpoint_policies.nothing_saveable)
     total = jax.tree.leaves(stacked_params)[0].shape[0]
     n_layers = total if n_layers is None else n_layers
     if n_layers == 0:

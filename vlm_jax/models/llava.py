@@ -26,11 +26,15 @@ from vlm_jax.models import projector, text_decoder, vision_tower
 
 @flax.struct.dataclass
 class Output:
-    """logits [B, T, V] (or [B, len(logit_positions), V]); acts {site: array}; cache or None."""
+    """logits [B, T, V] (or [B, len(logit_positions), V]); acts {site: array}; cache or None.
+
+    token_index [B, T]: where each input token sits in the outputs when a soft prompt was
+    inserted (None otherwise: the identity)."""
 
     logits: jax.Array | None
     acts: dict
     cache: dict | None = None
+    token_index: jax.Array | None = None
 
 
 def param_specs(cfg: LlavaConfig) -> dict:
@@ -87,15 +91,36 @@ def _apply_global(edits, site: str, x: jax.Array) -> jax.Array:
     return x
 
 
+def insert_prefix(embeds: jax.Array, attention_mask: jax.Array, prefix: jax.Array):
+    """Inserts soft-prompt embeddings prefix [n, D] before each row's first real token.
+
+    embeds [B, T, D], attention_mask [B, T] -> (embeds [B, T + n, D], attention_mask [B, T + n],
+    token_index [B, T]: the new position of every original token). Padding stays in front.
+    """
+    batch, t_len, _ = embeds.shape
+    n = prefix.shape[0]
+    first = jnp.argmax(attention_mask > 0, axis=1)[:, None]  # [B, 1] first real token
+    j = jnp.arange(t_len + n)[None, :]
+    in_prefix = (j >= first) & (j < first + n)
+    source = jnp.where(j < first, j, jnp.clip(j - n, 0, t_len - 1))
+    moved = jnp.take_along_axis(embeds, source[..., None], axis=1)
+    from_prefix = jnp.take(prefix.astype(embeds.dtype), jnp.clip(j - first, 0, n - 1), axis=0)
+    new_embeds = jnp.where(in_prefix[..., None], from_prefix, moved)
+    new_mask = jnp.where(in_prefix, 1, jnp.take_along_axis(attention_mask, source, axis=1))
+    t = jnp.arange(t_len)[None, :]
+    token_index = jnp.where(t < first, t, t + n)
+    return new_embeds, new_mask.astype(attention_mask.dtype), token_index
+
+
 def image_features(params: dict, cfg: LlavaConfig, pixel_values: jax.Array, *, capture=(), fused=False,
-                   edits: Edits | None = None):
+                   edits: Edits | None = None, remat: bool = False):
     """Vision tower + feature selection + projector: [N, C, H, W] -> ([N, P', D], acts)."""
     capture = tuple(capture)
     wanted = layer_sites(capture, "vision")
     site_ops, attention_ops = for_tower(edits, "vision")
     hidden, vacts, last = vision_tower.forward(
         params["vision_tower"], cfg.vision, pixel_values, cfg.feature_hidden_state_indices,
-        capture=wanted, fused=fused, site_ops=site_ops, attention_ops=attention_ops,
+        capture=wanted, fused=fused, site_ops=site_ops, attention_ops=attention_ops, remat=remat,
     )
     if cfg.vision_feature_select_strategy == "default":
         hidden = [x[:, 1:] for x in hidden]
@@ -114,7 +139,7 @@ def image_features(params: dict, cfg: LlavaConfig, pixel_values: jax.Array, *, c
 
 
 def embed_inputs(params: dict, config: LlavaConfig, inputs: Mapping[str, Any], *, capture=(), edits=None,
-                 fused_attention: bool = False):
+                 fused_attention: bool = False, remat: bool = False):
     """Token embeddings with the image features merged in (the text decoder's input).
 
     Returns (embeds [B, T, D], position_ids [B, T], attention_mask [B, T], acts).
@@ -129,7 +154,7 @@ def embed_inputs(params: dict, config: LlavaConfig, inputs: Mapping[str, Any], *
     pixel_values = inputs.get("pixel_values")
     if pixel_values is not None:
         projected, vacts = image_features(params, config, jnp.asarray(pixel_values), capture=capture,
-                                          fused=fused_attention, edits=edits)
+                                          fused=fused_attention, edits=edits, remat=remat)
         acts.update(vacts)
         embeds = merge_image_features(embeds, input_ids == config.image_token_id, projected)
     embeds = _apply_global(edits, "text.embed", embeds)
@@ -151,6 +176,8 @@ def forward(
     cache: dict | None = None,
     cache_index: jax.Array | int = 0,
     key_valid: jax.Array | None = None,
+    prefix: jax.Array | None = None,
+    remat: bool = False,
 ) -> Output:
     """The whole model. Pure and jit-able (config and capture are static).
 
@@ -162,10 +189,14 @@ def forward(
       edits: vlm_jax.interp.edits.Edits applied during the pass (captures see edited values).
       fused_attention: use the fused attention kernel wherever no pattern is captured and no
         attention edge is edited.
-      logit_positions: [B, K] token indices: compute logits only there ([B, K, V]).
+      logit_positions: [B, K] token indices: compute logits only there ([B, K, V]); with a
+        soft prompt they index the input tokens.
       compute_logits: False skips the unembedding (Output.logits is None).
       cache, cache_index, key_valid: generation with a KV cache (see generate.py):
         key_valid [B, S] marks the valid cache slots including the new tokens.
+      prefix: soft-prompt embeddings [n, D] inserted before each row's first real token
+        (positions are recounted; Output.token_index maps input tokens to output positions).
+      remat: recompute each layer's activations in the backward pass (training).
     """
     capture = validate_capture(capture)
     if edits is not None and not edits.ops:
@@ -173,7 +204,13 @@ def forward(
     if edits is not None and cache is not None:
         raise ValueError("edits are not supported with a KV cache (generation); run the forward pass instead")
     embeds, position_ids, attention_mask, acts = embed_inputs(params, config, inputs, capture=capture, edits=edits,
-                                                              fused_attention=fused_attention)
+                                                              fused_attention=fused_attention, remat=remat)
+    token_index = None
+    if prefix is not None:
+        if edits is not None or cache is not None:
+            raise ValueError("a soft prompt cannot be combined with edits or a KV cache")
+        embeds, attention_mask, token_index = insert_prefix(embeds, attention_mask, prefix)
+        position_ids = default_positions(attention_mask)
     lm = params["language_model"]
 
     wanted = layer_sites(capture, "text")
@@ -182,7 +219,7 @@ def forward(
         lm, config.text, embeds, position_ids,
         attention_mask if key_valid is None else key_valid,
         capture=wanted, fused=fused_attention, cache=cache, cache_index=cache_index,
-        site_ops=site_ops, attention_ops=attention_ops,
+        site_ops=site_ops, attention_ops=attention_ops, remat=remat,
     )
     acts.update({f"text.{k}": v for k, v in tacts.items() if f"text.{k}" in capture})
     final = _apply_global(edits, "text.final", text_decoder.final_norm(lm, config.text, h))
@@ -194,11 +231,13 @@ def forward(
     logits = None
     if compute_logits:
         if logit_positions is not None:
+            if token_index is not None:  # positions are given in input coordinates
+                logit_positions = jnp.take_along_axis(token_index, logit_positions, axis=1)
             final = jnp.take_along_axis(final, logit_positions[..., None], axis=1)
         logits = text_decoder.unembed(lm, params.get("lm_head"), final)
     if "logits" in capture:
         acts["logits"] = logits
-    return Output(logits=logits, acts=acts, cache=new_cache)
+    return Output(logits=logits, acts=acts, cache=new_cache, token_index=token_index)
 
 
-forward_jit = jax.jit(forward, static_argnames=("config", "capture", "fused_attention", "compute_logits"))
+forward_jit = jax.jit(forward, static_argnames=("config", "capture", "fused_attention", "compute_logits", "remat"))

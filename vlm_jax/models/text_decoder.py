@@ -113,6 +113,7 @@ def forward(
     site_ops=(),
     attention_ops=(),
     layer_range: tuple[int, int] | None = None,
+    remat: bool = False,
 ):
     """Runs every decoder layer (or the layers in `layer_range` = (start, end)).
 
@@ -157,7 +158,7 @@ def forward(
         start, end = layer_range
         stacked, per_layer = jax.tree.map(lambda a: a[start:end], (stacked, per_layer))
     layer = _layer(cfg, frozenset(capture), fused, biases, cos, sin, cache_index, rebuild_edits, not attention_ops)
-    h, report = scan_layers(layer, embeds, stacked, per_layer)
+    h, report = scan_layers(layer, embeds, stacked, per_layer, remat=remat)
     new_cache = None
     if cache is not None:
         new_cache = {"k": report.pop("k_cache"), "v": report.pop("v_cache")}

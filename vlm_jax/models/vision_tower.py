@@ -171,6 +171,7 @@ def forward(
     fused: bool = False,
     site_ops=(),
     attention_ops=(),
+    remat: bool = False,
 ):
     """Runs the tower far enough to produce the requested hidden states.
 
@@ -202,7 +203,7 @@ def forward(
         return ops[:n_site], ops[n_site:]
 
     layer = _layer(cfg, frozenset(inner), fused, rebuild_edits, not attention_ops)
-    h, report = scan_layers(layer, h0, params["layers"], {"edits": edit_xs}, n_layers=n_run)
+    h, report = scan_layers(layer, h0, params["layers"], {"edits": edit_xs}, n_layers=n_run, remat=remat)
     selected = []
     for i in hidden_state_indices:
         selected.append(h0 if i == 0 else h if i == n_run else report["resid_post"][i - 1])

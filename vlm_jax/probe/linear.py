@@ -1,0 +1,351 @@
+"""Linear probes for every layer at once: logistic (softmax) and ridge regression.
+
+Features come stacked over layers, X [L, N, D]. Each layer's probe is fitted on standardised
+features (train-split mean and std); an L2 strength is picked per layer on held-out data
+(a validation split, or k folds), then the probe is refitted on all training data.
+
+Logistic probes minimise  mean cross-entropy + lambda / 2 * ||W||^2  (intercept not
+penalised; scikit-learn's C corresponds to lambda = 1 / (C * N)) with L-BFGS (probe/lbfgs.py). All
+L2 strengths and folds of one layer are fitted together (jax.vmap: one matmul serves them
+all), and layers run one after another inside the same compiled call (lax.map over chunks of
+`layers_per_step` layers), which keeps a layer's features in cache across iterations.
+Ridge probes are solved in closed form from one eigendecomposition per layer.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from vlm_jax.probe import lbfgs
+
+DEFAULT_LAMBDAS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+class ProbeDataError(ValueError):
+    """Features or labels a probe cannot be fitted on."""
+
+
+def check_features(X, y=None, *, classification: bool = True, name: str = "X") -> tuple[np.ndarray, np.ndarray | None]:
+    """Validates X [L, N, D] (or [N, D]) and labels y [N] / [N, K]; returns them as arrays."""
+    X = np.asarray(X)
+    if X.ndim == 2:
+        X = X[None]
+    if X.ndim != 3:
+        raise ProbeDataError(f"{name} must be [layers, examples, features] or [examples, features]; got {X.shape}")
+    if not np.all(np.isfinite(X)):
+        bad = np.argwhere(~np.isfinite(X))[0]
+        raise ProbeDataError(f"{name} holds NaN or inf values (first at layer {bad[0]}, example {bad[1]}, feature "
+                             f"{bad[2]}). Fix: drop those examples or re-extract the features.")
+    if y is None:
+        return X, None
+    y = np.asarray(y)
+    if y.shape[0] != X.shape[1]:
+        raise ProbeDataError(f"{name} has {X.shape[1]} examples but the labels have {y.shape[0]}; they must match.")
+    if classification:
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise ProbeDataError(f"classification labels must be integers [N]; got {y.dtype} {y.shape}")
+        if len(np.unique(y)) < 2:
+            raise ProbeDataError(f"the labels hold a single class ({np.unique(y)}); a probe needs at least two.")
+        if y.min() < 0:
+            raise ProbeDataError("class labels must be >= 0")
+    elif not np.all(np.isfinite(y)):
+        raise ProbeDataError("regression targets hold NaN or inf values")
+    return X, y
+
+
+@flax.struct.dataclass
+class Standardizer:
+    mean: jax.Array  # [L, D]
+    scale: jax.Array  # [L, D]
+
+    @classmethod
+    def fit(cls, X: jax.Array) -> "Standardizer":
+        mean = jnp.mean(X, axis=1)
+        std = jnp.std(X, axis=1)
+        return cls(mean, jnp.where(std > 1e-8, std, 1.0))
+
+    def __call__(self, X: jax.Array) -> jax.Array:
+        return (X - self.mean[:, None]) / self.scale[:, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# logistic
+
+
+def _fit_logistic_one(X, XT, mean, scale, Y, weights, lam, max_iter: int, tol: float):
+    """One softmax regression on standardised features, without materialising them.
+
+    X [N, D] raw features, XT = X^T, mean/scale [D] the standardisation, Y [N, C] one-hot,
+    weights [N], lam []. Returns W [D, C], b [C] (for standardised features) minimising
+    sum(weights * CE) / sum(weights) + lam / 2 ||W||^2 (intercept not penalised). The
+    standardisation is folded into the weights (X W / scale + b - (mean / scale) W), so only
+    the raw features and one transposed copy are read per iteration.
+    """
+    d, n_classes = X.shape[1], Y.shape[1]
+    share = weights / jnp.sum(weights)
+    shift = mean / scale
+
+    def value_and_grad(x):
+        W, b = x[: d * n_classes].reshape(d, n_classes), x[d * n_classes:]
+        logp = jax.nn.log_softmax(X @ (W / scale[:, None]) + (b - shift @ W), axis=-1)
+        value = -jnp.sum(share * jnp.sum(Y * logp, axis=-1)) + 0.5 * lam * jnp.sum(jnp.square(W))
+        G = (jnp.exp(logp) - Y) * share[:, None]  # d loss / d logits
+        g_b = jnp.sum(G, axis=0)
+        g_W = (XT @ G) / scale[:, None] - shift[:, None] * g_b[None, :] + lam * W  # XT: a plain matmul
+        return value, jnp.concatenate([g_W.reshape(-1), g_b])
+
+    x, _ = lbfgs.minimize(value_and_grad, jnp.zeros(d * n_classes + n_classes, X.dtype), max_iter=max_iter, tol=tol)
+    return x[: d * n_classes].reshape(d, n_classes), x[d * n_classes:]
+
+
+@functools.partial(jax.jit, static_argnames=("n_classes", "max_iter", "layers_per_step"))
+def _fit_logistic_layers(X, y, weights, lambdas, n_classes: int, max_iter: int, tol: float, layers_per_step: int):
+    """X [L, N, D] raw features; weights [F, N] (one row per fold/split); lambdas [L, M].
+
+    Standardises each layer (statistics of all N examples), fits every (fold, strength) pair,
+    and returns (W [L, F, M, D, C], b [L, F, M, C] for standardised features, mean [L, D],
+    scale [L, D]). Layers run `layers_per_step` at a time as independent programs, one step
+    after another (a layer's features stay in cache across its iterations).
+    """
+    dtype = jnp.promote_types(X.dtype, jnp.float32)  # float64 inputs (with jax x64) stay float64
+    Y = jax.nn.one_hot(y, n_classes, dtype=dtype)
+    fit = functools.partial(_fit_logistic_one, max_iter=max_iter, tol=tol)
+    over_lambdas = jax.vmap(fit, in_axes=(None, None, None, None, None, None, 0))
+    over_folds = jax.vmap(over_lambdas, in_axes=(None, None, None, None, None, 0, None))
+
+    def one_layer(X, XT, lam):
+        mean, std = jnp.mean(X, axis=0), jnp.std(X, axis=0)
+        scale = jnp.where(std > 1e-8, std, 1.0)
+        W, b = over_folds(X, XT, mean, scale, Y, weights, lam)
+        return W, b, mean, scale
+
+    def step(xs):
+        outs = [one_layer(*(a[i] for a in xs)) for i in range(layers_per_step)]
+        return tuple(jnp.stack(parts) for parts in zip(*outs))
+
+    n_layers = X.shape[0]
+    chunks = -(-n_layers // layers_per_step)
+    pad = chunks * layers_per_step - n_layers
+    X = X.astype(dtype)
+    if pad:
+        X = jnp.pad(X, ((0, pad), (0, 0), (0, 0)))
+        lambdas = jnp.pad(lambdas, ((0, pad), (0, 0)), constant_values=1.0)
+    # One transposed copy of all layers, made once: inside the loop XLA would fold the transpose
+    # into every X^T G product, which runs ~15x slower on CPU than a plain matmul.
+    XT = jnp.swapaxes(X, 1, 2)
+    outs = jax.lax.map(step, tuple(a.reshape(chunks, layers_per_step, *a.shape[1:]) for a in (X, XT, lambdas)))
+    return tuple(o.reshape(chunks * layers_per_step, *o.shape[2:])[:n_layers] for o in outs)
+
+
+@flax.struct.dataclass
+class LinearProbe:
+    """Probes for L layers: W [L, D, C], b [L, C] on standardised features."""
+
+    W: jax.Array
+    b: jax.Array
+    standardizer: Standardizer
+    lam: jax.Array  # [L] chosen L2 strength
+    val_score: jax.Array  # [L, M] held-out accuracy (or R^2) of every candidate strength
+    lambdas: jax.Array  # [M]
+    kind: str = flax.struct.field(pytree_node=False, default="logistic")
+
+    def decision(self, X) -> jax.Array:
+        """Scores [L, N, C] (logits for logistic probes, predictions for ridge)."""
+        Xs = self.standardizer(jnp.asarray(X, jnp.float32))
+        return jnp.einsum("lnd,ldc->lnc", Xs, self.W) + self.b[:, None]
+
+    def predict(self, X) -> np.ndarray:
+        """Class ids [L, N] (logistic) or predictions [L, N, K] (ridge)."""
+        scores = self.decision(X)
+        return np.asarray(jnp.argmax(scores, -1) if self.kind == "logistic" else scores)
+
+
+def _splits(n: int, y: np.ndarray | None, val_fraction: float, folds: int | None, seed: int) -> np.ndarray:
+    """Training weights [F, N]: 1 on each split's training examples, 0 on its held-out ones."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    if folds:
+        if folds < 2:
+            raise ProbeDataError("folds must be >= 2")
+        parts = np.array_split(order, folds)
+        weights = np.ones((folds, n), np.float32)
+        for f, part in enumerate(parts):
+            weights[f, part] = 0.0
+        return weights
+    n_val = max(1, int(round(val_fraction * n)))
+    weights = np.ones((1, n), np.float32)
+    weights[0, order[:n_val]] = 0.0
+    return weights
+
+
+@functools.partial(jax.jit, static_argnames=("n_classes",))
+def _held_out_accuracy(X, y, W, b, held_out, mean, scale, n_classes):
+    """[L, M] accuracy of every (fold, strength) fit on its held-out examples, pooled over folds."""
+    Xs = (X.astype(jnp.float32) - mean[:, None]) / scale[:, None]
+    scores = jnp.einsum("lnd,lfmdc->lfmnc", Xs, W) + b[:, :, :, None]
+    correct = (jnp.argmax(scores, -1) == y) * held_out[None, :, None, :]
+    return jnp.sum(correct, axis=(1, 3)) / jnp.sum(held_out)
+
+
+def _check_finite_stats(mean, scale, name="X"):
+    bad = ~(np.isfinite(np.asarray(mean)).all(axis=1) & np.isfinite(np.asarray(scale)).all(axis=1))
+    if bad.any():
+        raise ProbeDataError(f"{name} holds NaN or inf values (layers {np.nonzero(bad)[0].tolist()}). Fix: drop "
+                             "those examples or re-extract the features.")
+
+
+def fit_logistic(X, y, *, lambdas=DEFAULT_LAMBDAS, X_val=None, y_val=None, val_fraction: float = 0.2,
+                 folds: int | None = None, num_classes: int | None = None, max_iter: int = 200, tol: float = 1e-4,
+                 layers_per_step: int = 1, seed: int = 0, refit: bool = True) -> LinearProbe:
+    """Softmax-regression probes for every layer of X [L, N, D] (numpy, memmap or jax) with
+    integer labels y [N].
+
+    The L2 strength is chosen per layer by held-out accuracy: on (X_val, y_val) if given, else
+    on `folds` folds of the training data, else on a `val_fraction` split; then (refit=True) the
+    probe is refitted on all of X with the chosen strength. With a single strength nothing is
+    held out: it is fitted on all of X directly.
+    """
+    shape = tuple(X.shape)
+    if len(shape) == 2:
+        X = X[None]
+        shape = (1, *shape)
+    if len(shape) != 3:
+        raise ProbeDataError(f"X must be [layers, examples, features] or [examples, features]; got {shape}")
+    _, y = check_features(np.empty((1, shape[1], 0), np.float32), y)  # labels only; X is checked on device
+    n_classes = int(num_classes or (y.max() + 1))
+    if y.max() >= n_classes:
+        raise ProbeDataError(f"label {y.max()} >= num_classes {n_classes}")
+    Xj, yj = jnp.asarray(X), jnp.asarray(y)
+    lambdas = np.asarray(lambdas, np.float32).reshape(-1)
+    n_layers, n = shape[:2]
+
+    def fit(weights, lam):  # -> W [L, F, M, D, C], b [L, F, M, C], mean, scale
+        return _fit_logistic_layers(Xj, yj, jnp.asarray(weights, jnp.float32), jnp.asarray(lam), n_classes,
+                                    max_iter, tol, layers_per_step)
+
+    everything = np.ones((1, n), np.float32)
+    if len(lambdas) == 1:
+        chosen = np.full(n_layers, lambdas[0], np.float32)
+        W, b, mean, scale = fit(everything, chosen[:, None])
+        _check_finite_stats(mean, scale)
+        W, b = W[:, 0, 0], b[:, 0, 0]
+        val_score = jnp.full((n_layers, 1), jnp.nan)
+    else:
+        if X_val is not None:
+            X_val, y_val = check_features(X_val, y_val, name="X_val")
+            W_all, b_all, mean, scale = fit(everything, np.tile(lambdas, (n_layers, 1)))
+            _check_finite_stats(mean, scale)
+            val_score = _held_out_accuracy(jnp.asarray(X_val), jnp.asarray(y_val), W_all, b_all,
+                                           jnp.ones((1, len(y_val))), mean, scale, n_classes)
+        else:
+            weights = _splits(n, y, val_fraction, folds, seed)
+            W_all, b_all, mean, scale = fit(weights, np.tile(lambdas, (n_layers, 1)))
+            _check_finite_stats(mean, scale)
+            val_score = _held_out_accuracy(Xj, yj, W_all, b_all, jnp.asarray(1.0 - weights), mean, scale, n_classes)
+        best = np.asarray(jnp.argmax(val_score, axis=1))  # first (smallest) strength among ties
+        chosen = lambdas[best]
+        if refit or X_val is None:
+            W, b, _, _ = fit(everything, chosen[:, None])
+            W, b = W[:, 0, 0], b[:, 0, 0]
+        else:
+            W, b = W_all[np.arange(n_layers), 0, best], b_all[np.arange(n_layers), 0, best]
+    return LinearProbe(W, b, Standardizer(mean, scale), jnp.asarray(chosen), val_score,
+                       jnp.asarray(lambdas), "logistic")
+
+
+# ---------------------------------------------------------------------------------------------
+# ridge
+
+
+@jax.jit
+def _ridge_layers(Xs, Y, lambdas):
+    """Closed-form ridge per layer: Xs [L, N, D] standardised, Y [N, K] centred, lambdas [M].
+
+    Minimises mean ||X W - Y||^2 / 2 + lambda / 2 ||W||^2, for every lambda from one
+    eigendecomposition of X^T X / N. Returns W [L, M, D, K].
+    """
+    n = Xs.shape[1]
+
+    def one(X):
+        evals, evecs = jnp.linalg.eigh(X.T @ X / n)
+        proj = evecs.T @ (X.T @ Y / n)  # [D, K]
+        return jax.vmap(lambda lam: evecs @ (proj / (evals + lam)[:, None]))(lambdas)
+
+    return jax.lax.map(one, Xs)
+
+
+def fit_ridge(X, y, *, lambdas=DEFAULT_LAMBDAS, X_val=None, y_val=None, val_fraction: float = 0.2,
+              seed: int = 0) -> LinearProbe:
+    """Ridge-regression probes for every layer of X [L, N, D], targets y [N] or [N, K];
+    the strength is picked per layer by held-out R^2, then refitted on all data."""
+    X, y = check_features(X, y, classification=False)
+    y2 = np.asarray(y, np.float32).reshape(len(y), -1)
+    lambdas = jnp.asarray(lambdas, jnp.float32)
+    if X_val is None:
+        order = np.random.default_rng(seed).permutation(X.shape[1])
+        n_val = max(1, int(round(val_fraction * X.shape[1])))
+        val, train = order[:n_val], order[n_val:]
+        X_tr, y_tr, X_va, y_va = X[:, train], y2[train], X[:, val], y2[val]
+    else:
+        X_va, y_va = check_features(X_val, y_val, classification=False, name="X_val")
+        X_tr, y_tr, y_va = X, y2, np.asarray(y_va, np.float32).reshape(len(y_va), -1)
+
+    def fit(X_fit, y_fit):
+        Xj = jnp.asarray(X_fit, jnp.float32)
+        st = Standardizer.fit(Xj)
+        mean_y = jnp.mean(jnp.asarray(y_fit), axis=0)
+        return st, mean_y, _ridge_layers(st(Xj), jnp.asarray(y_fit) - mean_y, lambdas)
+
+    st, mean_y, W = fit(X_tr, y_tr)
+    pred = jnp.einsum("lnd,lmdk->lmnk", st(jnp.asarray(X_va, jnp.float32)), W) + mean_y
+    resid = jnp.sum(jnp.square(pred - jnp.asarray(y_va)), axis=(2, 3))
+    total = jnp.sum(jnp.square(jnp.asarray(y_va) - jnp.mean(jnp.asarray(y_va), axis=0)))
+    val_score = 1.0 - resid / total  # R^2 [L, M]
+    best = jnp.argmax(val_score, axis=1)
+    st, mean_y, W = fit(X, y2)
+    W = jnp.take_along_axis(W, best[:, None, None, None], axis=1)[:, 0]
+    b = jnp.broadcast_to(mean_y, (X.shape[0], y2.shape[1]))
+    return LinearProbe(W, b, st, lambdas[best], val_score, lambdas, "ridge")
+
+
+# ---------------------------------------------------------------------------------------------
+# reports
+
+
+@dataclass
+class ProbeReport:
+    accuracy: np.ndarray  # [L]
+    per_class_accuracy: np.ndarray  # [L, C] (NaN for classes absent from the test set)
+    confusion: np.ndarray  # [L, C, C] rows: true class, columns: predicted
+
+    def table(self, first_layer: int = 0) -> str:
+        lines = ["| layer | accuracy |", "|---|---|"]
+        lines += [f"| {first_layer + i} | {a:.3f} |" for i, a in enumerate(self.accuracy)]
+        return "\n".join(lines)
+
+
+def evaluate(probe: LinearProbe, X, y) -> ProbeReport:
+    """Accuracy, per-class accuracy and confusion matrices of classification probes."""
+    X, y = check_features(X, y, name="X_test")
+    n_classes = probe.W.shape[-1]
+    pred = probe.predict(X)  # [L, N]
+    confusion = np.zeros((pred.shape[0], n_classes, n_classes), np.int64)
+    for layer in range(pred.shape[0]):
+        np.add.at(confusion[layer], (y, pred[layer]), 1)
+    support = confusion.sum(axis=2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = np.diagonal(confusion, axis1=1, axis2=2) / support
+    return ProbeReport(np.mean(pred == y[None], axis=1), per_class, confusion)
+
+
+def r2_score(probe: LinearProbe, X, y) -> np.ndarray:
+    """[L] coefficient of determination of ridge probes."""
+    X, y = check_features(X, y, classification=False, name="X_test")
+    y2 = np.asarray(y, np.float64).reshape(len(y), -1)
+    pred = np.asarray(probe.predict(X), np.float64)
+    return 1.0 - np.sum((pred - y2) ** 2, axis=(1, 2)) / np.sum((y2 - y2.mean(0)) ** 2)
