@@ -50,7 +50,8 @@ def split(params: dict, trainable_paths: Sequence[tuple]) -> tuple[dict, dict]:
     """(trainable {"a/b/c": float32 leaf}, frozen {path: leaf})."""
     flat = P.flatten(params)
     wanted = set(trainable_paths)
-    trainable = {key(p): jnp.asarray(v, jnp.float32) for p, v in flat.items() if p in wanted}
+    # copies: the training step donates its state, which must never alias the model's arrays
+    trainable = {key(p): jnp.array(v, dtype=jnp.float32, copy=True) for p, v in flat.items() if p in wanted}
     frozen = {p: v for p, v in flat.items() if p not in wanted}
     return trainable, frozen
 

@@ -15,8 +15,8 @@
   uninterrupted run.
 * Logs: metrics.jsonl (one JSON object per line: step, loss, grad_norm, lr, tokens,
   tokens_per_s; eval lines with eval_loss, eval_accuracy), a progress bar with loss and
-  tokens/s. A NaN or infinite loss stops the run with TrainingDivergedError, before anything
-  is saved.
+  tokens/s. A NaN or infinite loss, gradient or parameter stops the run with
+  TrainingDivergedError, before anything is saved.
 """
 
 from __future__ import annotations
@@ -126,9 +126,13 @@ def _train_step(state, frozen, batch, *, optimizer, config, dtype, remat):
     count = jnp.maximum(stats["count"], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
-    new_state = {"step": state["step"] + 1, "trainable": optax.apply_updates(state["trainable"], updates),
-                 "opt_state": opt_state}
-    return new_state, {"loss": nll / count, "grad_norm": optax.global_norm(grads), "tokens": stats["tokens"]}
+    trainable = optax.apply_updates(state["trainable"], updates)
+    new_state = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}
+    loss, grad_norm = nll / count, optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    for leaf in jax.tree.leaves(trainable):  # an update can overflow even from a finite loss
+        finite = finite & jnp.all(jnp.isfinite(leaf))
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "tokens": stats["tokens"], "finite": finite}
 
 
 def _eval_step(trainable, frozen, mb, *, config, dtype):
@@ -181,8 +185,9 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------
     def initial_state(self) -> dict:
-        return {"step": jnp.int32(0), "trainable": self.initial_trainable,
-                "opt_state": self.optimizer.init(self.initial_trainable)}
+        """A fresh state (its own buffers: the step donates them)."""
+        trainable = jax.tree.map(jnp.copy, self.initial_trainable)
+        return {"step": jnp.int32(0), "trainable": trainable, "opt_state": self.optimizer.init(trainable)}
 
     def signature(self) -> dict:
         """What a checkpoint must match to be resumed by this trainer."""
@@ -229,7 +234,9 @@ class Trainer:
                 f"the checkpoint at {self.checkpoint_dir} (step {step}) belongs to another model or parameter "
                 "subset than this run (its config or trainable shapes differ). Fix: use another output_dir, "
                 "or set resume=False to start over there.")
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.initial_state())
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                                self.initial_state())
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(abstract)))
         return restored["state"]
 
@@ -287,10 +294,13 @@ class Trainer:
                 state, metrics = self._step(state, self.frozen, batch)
                 loss = float(metrics["loss"])  # waits for the step
                 seconds = time.perf_counter() - began
-                if not math.isfinite(loss):
+                if not bool(metrics["finite"]):
                     where = f"step {last_saved} in {self.checkpoint_dir}" if last_saved is not None else "none saved yet"
+                    what = (f"the loss is {loss}" if not math.isfinite(loss) else
+                            f"the gradient norm is {float(metrics['grad_norm'])}" if not math.isfinite(
+                                float(metrics["grad_norm"])) else "the parameters overflowed")
                     raise TrainingDivergedError(
-                        f"the loss is {loss} at step {step + 1}; training stopped without saving. The last good "
+                        f"{what} at step {step + 1}; training stopped without saving. The last good "
                         f"checkpoint: {where}. Fix: lower the learning rate, keep gradient clipping on "
                         "(max_grad_norm), or check the data for empty answers / broken images.")
                 losses[step + 1] = loss

@@ -1,0 +1,223 @@
+"""Finetuning: learning, frozen parameters, LoRA, soft prompts, checkpoints, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import train_task
+import vlm_jax as vj
+from vlm_jax.cli import main as cli_main
+from vlm_jax.errors import CheckpointMismatchError
+from vlm_jax.models import params as P
+from vlm_jax.train import LoraConfig, TrainConfig, Trainer, TrainingDivergedError, lora_parameter_count
+from vlm_jax.train.lora import UnknownParametersError
+
+TESTS = os.path.dirname(__file__)
+
+
+def config(model, out, **overrides):
+    base = dict(model=model, train_data=train_task.examples(48, 0), eval_data=train_task.examples(24, 1),
+                output_dir=str(out), param_dtype="float32", learning_rate=3e-3, batch_size=8, max_steps=12,
+                checkpoint_every=100, remat=False, progress=False)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def bitwise_equal(a: dict, b: dict, paths=None) -> bool:
+    fa, fb = P.flatten(a), P.flatten(b)
+    paths = paths or fa.keys()
+    return all(np.asarray(fa[p]).tobytes() == np.asarray(fb[p]).tobytes() for p in paths)
+
+
+@pytest.fixture(scope="module")
+def model(random_llava):
+    return vj.load(random_llava, dtype="float32", progress=False)
+
+
+def test_finetuning_lowers_loss_and_raises_held_out_accuracy(model, random_llava, tmp_path):
+    trainer = Trainer(config(random_llava, tmp_path, max_steps=24, eval_every=4), model=model)
+    before = trainer.evaluate(trainer.initial_state())
+    result = trainer.run()
+    losses = [result.losses[s] for s in sorted(result.losses)]
+    assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4])
+    after = result.eval[24]
+    assert after["eval_loss"] < before["eval_loss"] and after["eval_accuracy"] >= before["eval_accuracy"] + 0.5
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert {"loss", "grad_norm", "lr", "tokens_per_s"} <= set(lines[0]) and any("eval_accuracy" in x for x in lines)
+
+
+def test_component_training_leaves_frozen_parameters_bitwise_unchanged(model, random_llava, tmp_path):
+    trainer = Trainer(config(random_llava, tmp_path, trainable="projector", max_steps=4), model=model)
+    trainer.run()
+    trained = trainer.params(trainer.state)
+    frozen = [p for p in P.flatten(model.params) if p[0] != "multi_modal_projector"]
+    assert bitwise_equal(model.params, trained, frozen)
+    assert not bitwise_equal(model.params, trained, [("multi_modal_projector", "linear_1", "kernel")])
+    assert set(trainer.state["trainable"]) == {"/".join(p) for p in P.flatten(model.params)
+                                               if p[0] == "multi_modal_projector"}
+    # frozen parameters carry no optimizer state: AdamW keeps two moments of the trainable ones only
+    moments = sum(int(x.size) for x in jax.tree.leaves(trainer.state["opt_state"]) if x.ndim > 0)
+    assert moments == 2 * sum(int(x.size) for x in trainer.state["trainable"].values())
+    assert len(trainer.frozen) == len(frozen)
+
+
+def test_lora_has_exactly_the_expected_trainable_parameters(model, random_llava, tmp_path):
+    lora = LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "fc1"), towers=("text", "vision"))
+    trainer = Trainer(config(random_llava, tmp_path, lora=lora, max_steps=6, learning_rate=1e-2), model=model)
+    t, v = model.config.text, model.config.vision
+    expected = (t.num_layers * 4 * ((t.hidden_size + t.num_heads * t.head_dim) + (t.hidden_size + t.num_kv_heads * t.head_dim))
+                + v.num_layers * 4 * (2 * (v.hidden_size + v.hidden_size) + (v.hidden_size + v.intermediate_size)))
+    n_trainable = sum(int(x.size) for x in trainer.initial_trainable.values())
+    assert n_trainable == expected == lora_parameter_count(model.params, lora)
+    trainer.run()
+    # the base weights never change; the merged export matches the adapted forward pass
+    assert bitwise_equal(model.params, trainer.params(trainer.state), list(P.flatten(model.params)))
+    out = trainer.export(str(tmp_path / "merged"))
+    batch = model.prepare(train_task.PROMPT + " red", images=train_task.examples(1, 3)[0]["images"])
+    adapted = vj.Model(trainer.params(trainer.state), model.config).run(batch).logits
+    from transformers import LlavaForConditionalGeneration
+    import torch
+
+    hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    with torch.no_grad():
+        ref = hf(**{k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}).logits.numpy()
+    assert np.abs(np.asarray(adapted) - ref).max() / np.abs(ref).max() <= 1e-5
+
+
+def test_soft_prompt_training_changes_only_the_prefix(model, random_llava, tmp_path):
+    trainer = Trainer(config(random_llava, tmp_path, soft_prompt_tokens=3, max_steps=8, learning_rate=5e-2),
+                      model=model)
+    start = np.asarray(trainer.initial_trainable["soft_prompt/embedding"]).copy()
+    result = trainer.run()
+    params = trainer.params(trainer.state)
+    assert bitwise_equal(model.params, params, list(P.flatten(model.params)))
+    assert params["soft_prompt"]["embedding"].shape == (3, model.config.text.hidden_size)
+    assert not np.array_equal(np.asarray(params["soft_prompt"]["embedding"]), start)
+    assert result.losses[8] < result.losses[1]
+
+
+def test_grad_accumulation_matches_one_big_batch(model, random_llava, tmp_path):
+    one = Trainer(config(random_llava, tmp_path / "a", max_steps=3), model=model).run()
+    two = Trainer(config(random_llava, tmp_path / "b", max_steps=3, grad_accum=2), model=model).run()
+    np.testing.assert_allclose([one.losses[s] for s in (1, 2, 3)], [two.losses[s] for s in (1, 2, 3)], rtol=1e-4)
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(model, random_llava, tmp_path):
+    trainer = Trainer(config(random_llava, tmp_path, learning_rate=1e6, max_grad_norm=None, max_steps=30,
+                             checkpoint_every=1, weight_decay=0.0), model=model)
+    with pytest.raises(TrainingDivergedError, match=r"(the loss is|the gradient norm is|the parameters overflowed).* "
+                                                    r"at step (\d+); training stopped"):
+        trainer.run()
+    saved = trainer._manager().latest_step()
+    assert saved is not None
+    state = trainer._restore(trainer._manager())
+    assert int(state["step"]) == saved
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state["trainable"]))
+
+
+def test_bad_training_inputs(model, random_llava, tmp_path):
+    with pytest.raises(UnknownParametersError, match="no parameters match 'vision_towr'.*vision_tower"):
+        Trainer(config(random_llava, tmp_path, trainable="vision_towr"), model=model)
+    with pytest.raises(UnknownParametersError, match=r"LoRA target\(s\) \['qq_proj'\] do not exist"):
+        Trainer(config(random_llava, tmp_path, lora=LoraConfig(targets=("qq_proj",))), model=model)
+    Trainer(config(random_llava, tmp_path / "run", max_steps=2, checkpoint_every=1), model=model).run()
+    other = vj.Model(vj.init_params(vj.from_hf_config(dict(
+        json.load(open(os.path.join(random_llava, "config.json"))), text_config={
+            **json.load(open(os.path.join(random_llava, "config.json")))["text_config"], "num_hidden_layers": 3})),
+        jax.random.key(0)), vj.from_hf_config({**json.load(open(os.path.join(random_llava, "config.json"))),
+                                               "text_config": {**json.load(open(os.path.join(random_llava, "config.json")))[
+                                                   "text_config"], "num_hidden_layers": 3}}),
+        processor=model.processor)
+    with pytest.raises(CheckpointMismatchError, match="belongs to another model"):
+        Trainer(config(random_llava, tmp_path / "run", max_steps=4), model=other).run()
+
+
+def _run_cli(config_path: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vlm_jax.cli", "finetune", config_path],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _steps_logged(out_dir) -> list[int]:
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    return [json.loads(line)["step"] for line in open(path) if line.strip() and "loss" in json.loads(line)]
+
+
+def _losses(out_dir) -> dict[int, float]:
+    out = {}
+    for line in open(os.path.join(out_dir, "metrics.jsonl")):
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]  # a resumed run re-logs steps after its checkpoint
+    return out
+
+
+def _write_config(tmp_path, name, random_llava, steps, every, extra="{}") -> tuple[str, str]:
+    out = str(tmp_path / name)
+    path = tmp_path / f"{name}.py"
+    path.write_text(train_task.CONFIG_TEMPLATE.format(tests=TESTS, model=random_llava, out=out, steps=steps,
+                                                      every=every, extra=extra))
+    return str(path), out
+
+
+def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(random_llava, tmp_path):
+    path, out = _write_config(tmp_path, "uninterrupted", random_llava, steps=9, every=3)
+    assert cli_main(["finetune", path]) == 0
+    reference = _losses(out)
+    assert sorted(reference) == list(range(1, 10))
+
+    path, out = _write_config(tmp_path, "killed", random_llava, steps=9, every=3)
+    proc = _run_cli(path)
+    deadline = time.time() + 300
+    while max(_steps_logged(out), default=0) < 5 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()
+    os.kill(proc.pid, signal.SIGKILL)  # between checkpoints 3 and 6
+    proc.wait()
+    resumed = _run_cli(path)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert _losses(out) == reference  # bitwise: same data order, same state, same arithmetic
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys
+import orbax.checkpoint as ocp
+original = ocp.CheckpointManager.save
+calls = []
+def save(self, step, *args, **kwargs):
+    calls.append(step)
+    if len(calls) == 2:  # second checkpoint: die while writing it
+        real = ocp.Checkpointer.save
+        def dying(self_, directory, *a, **k):
+            real(self_, directory, *a, **k)
+            os.kill(os.getpid(), signal.SIGKILL)
+        ocp.Checkpointer.save = dying
+    return original(self, step, *args, **kwargs)
+ocp.CheckpointManager.save = save
+from vlm_jax.cli import main
+sys.exit(main(["finetune", sys.argv[1]]))
+"""
+
+
+def test_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(random_llava, tmp_path):
+    path, out = _write_config(tmp_path, "reference", random_llava, steps=6, every=2)
+    assert cli_main(["finetune", path]) == 0
+    reference = _losses(out)
+    path, out = _write_config(tmp_path, "dying", random_llava, steps=6, every=2)
+    script = tmp_path / "dying_run.py"
+    script.write_text(KILL_DURING_SAVE)
+    proc = subprocess.run([sys.executable, str(script), path], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    resumed = _run_cli(path)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert _losses(out) == reference
