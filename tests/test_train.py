@@ -221,3 +221,13 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(random_ll
     resumed = _run_cli(path)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     assert _losses(out) == reference
+
+
+def test_bf16_parameters_with_float32_optimizer_state(random_llava, tmp_path):
+    model = vj.load(random_llava, dtype="bfloat16", progress=False)
+    trainer = Trainer(config(random_llava, tmp_path, param_dtype="bfloat16", max_steps=8, remat=True), model=model)
+    result = trainer.run()
+    assert result.losses[8] < result.losses[1]
+    assert all(str(v.dtype) == "float32" for v in trainer.state["trainable"].values())  # master copy
+    assert all(str(x.dtype) == "float32" for x in jax.tree.leaves(trainer.state["opt_state"]) if x.ndim > 0)
+    assert all(str(v.dtype) == "bfloat16" for v in trainer.frozen.values())
