@@ -72,7 +72,8 @@ def build_processor(tokenizer, hf_config: dict):
 
 
 def tiny_hf_config(vocab_size: int, image_token_id: int, *, vision_layers: int = 2, text_layers: int = 2,
-                   vision_width: int = 64, text_width: int = 64, image_size: int = 56, patch_size: int = 14) -> dict:
+                   vision_width: int = 64, text_width: int = 64, image_size: int = 56, patch_size: int = 14,
+                   text_intermediate: int | None = None) -> dict:
     """A small llava-1.5-shaped config (CLIP tower, Llama decoder)."""
     return {
         "model_type": "llava",
@@ -89,7 +90,8 @@ def tiny_hf_config(vocab_size: int, image_token_id: int, *, vision_layers: int =
         },
         "text_config": {
             "model_type": "llama", "vocab_size": vocab_size, "hidden_size": text_width,
-            "intermediate_size": 3 * text_width, "num_hidden_layers": text_layers, "num_attention_heads": 4,
+            "intermediate_size": text_intermediate or 3 * text_width, "num_hidden_layers": text_layers,
+            "num_attention_heads": 4,
             "num_key_value_heads": 2, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
             "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
         },
@@ -98,13 +100,13 @@ def tiny_hf_config(vocab_size: int, image_token_id: int, *, vision_layers: int =
 
 
 def make_random_llava(out_dir: str | Path, hf_config: dict | None = None, *, seed: int = 0, dtype=jnp.float32,
-                      std: float = 0.02, force: bool = False, with_processor: bool = True) -> str:
+                      std: float = 0.02, force: bool = False, with_processor: bool = True, tokenizer=None) -> str:
     """Writes a random LLaVA transformers folder (config, safetensors, tokenizer, processor).
 
-    Without hf_config, a tiny CLIP + Llama model over the built-in word vocabulary. The
-    processor (word tokenizer) is only written when its <image> id matches the config's.
+    Without hf_config, a tiny CLIP + Llama model over the built-in word vocabulary (or over
+    `tokenizer`). The processor is only written when its <image> id matches the config's.
     """
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer or build_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     hf_config = hf_config or tiny_hf_config(len(tokenizer), image_token_id)
     cfg = from_hf_config(hf_config)

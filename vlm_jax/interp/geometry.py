@@ -97,12 +97,13 @@ class ImageGeometry:
         inside = (p[..., 0] >= 0) & (p[..., 0] < cols) & (p[..., 1] >= 0) & (p[..., 1] < rows)
         return np.where(inside[..., None], np.stack([p[..., 1], p[..., 0]], axis=-1), -1)
 
-    def mask_coverage(self, mask: np.ndarray, samples: int = 4) -> np.ndarray:
-        """Fraction [rows, cols] of each patch covered by a boolean mask [H, W] in original pixels
-        (samples x samples points per patch, mapped back to the original image)."""
-        mask = np.asarray(mask, bool)
-        if mask.shape != (self.original[1], self.original[0]):
-            raise ValueError(f"mask is {mask.shape} (rows, cols) but the image is "
+    def patch_average(self, values: np.ndarray, samples: int = 4) -> np.ndarray:
+        """Mean [rows, cols] of a per-pixel map [H, W] (original pixels) over each patch
+        (samples x samples points per patch, mapped back to the original image; points the
+        processor padded in count as 0)."""
+        values = np.asarray(values)
+        if values.shape != (self.original[1], self.original[0]):
+            raise ValueError(f"the map is {values.shape} (rows, cols) but the image is "
                              f"{self.original[1]}x{self.original[0]} (height x width)")
         rows, cols = self.grid
         offsets = (np.arange(samples) + 0.5) / samples * self.patch_size
@@ -111,10 +112,14 @@ class ImageGeometry:
         grid_xy = np.stack(np.meshgrid(xs, ys), axis=-1)  # [rows*s, cols*s, 2]
         orig = np.floor(self.to_original(grid_xy)).astype(int)
         x, y = orig[..., 0], orig[..., 1]
-        inside = (x >= 0) & (x < mask.shape[1]) & (y >= 0) & (y < mask.shape[0])
-        hit = np.zeros(x.shape, bool)
-        hit[inside] = mask[y[inside], x[inside]]
-        return hit.reshape(rows, samples, cols, samples).mean(axis=(1, 3))
+        inside = (x >= 0) & (x < values.shape[1]) & (y >= 0) & (y < values.shape[0])
+        sampled = np.zeros(x.shape, np.float64)
+        sampled[inside] = values[y[inside], x[inside]]
+        return sampled.reshape(rows, samples, cols, samples).mean(axis=(1, 3))
+
+    def mask_coverage(self, mask: np.ndarray, samples: int = 4) -> np.ndarray:
+        """Fraction [rows, cols] of each patch covered by a boolean mask [H, W] in original pixels."""
+        return self.patch_average(np.asarray(mask, bool).astype(np.float64), samples)
 
     def box_coverage(self, box) -> np.ndarray:
         """Fraction [rows, cols] of each patch inside box (x0, y0, x1, y1) in original pixels."""

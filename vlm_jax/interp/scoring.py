@@ -143,6 +143,33 @@ def blind(prompts: Sequence[str], images=None, mode: str = "no_image", image_pro
     return list(prompts), [Image.new("RGB", img.size, color) for img in images]
 
 
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def token_f1(prediction: str, truth: str, max_truth_words: int = 10) -> float:
+    """Token-level F1 between a generated answer and the ground truth (cut to its first
+    `max_truth_words` words), on lower-cased alphanumeric words (study D's open-ended score)."""
+    pred, gold = _words(prediction), _words(truth)[:max_truth_words]
+    if not pred or not gold:
+        return float(pred == gold)
+    common = Counter(pred) & Counter(gold)
+    overlap = sum(common.values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(pred), overlap / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def lenient_match(prediction: str, truth: str, first_words: int = 20) -> bool:
+    """Lenient exact match: the ground truth's words appear, in order and contiguous, within
+    the first `first_words` words of the answer."""
+    pred, gold = _words(prediction)[:first_words], _words(truth)
+    if not gold:
+        return False
+    return any(pred[i:i + len(gold)] == gold for i in range(len(pred) - len(gold) + 1))
+
+
 def answer_distribution(answers: Sequence[str | None], correct: Sequence[str] | None = None,
                         letters: Sequence[str] = LETTERS) -> dict:
     """Counts and frequencies per letter (and 'none'), the majority answer, accuracy, chance,

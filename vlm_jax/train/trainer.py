@@ -51,6 +51,9 @@ class TrainingDivergedError(VlmJaxError, FloatingPointError):
 class TrainConfig:
     model: str  # hub id, transformers folder or vlm_jax checkpoint
     train_data: Any  # a sequence of examples (see data.py), or a callable returning one
+    # optional: batch_fn(step) -> the examples of that step (deterministic in step), instead of
+    # seeded epochs over train_data; e.g. to keep every batch's image count equal
+    batch_fn: Callable[[int], Sequence[dict]] | None = None
     eval_data: Any = None
     output_dir: str = "checkpoints/finetune"
     trainable: str | tuple = "all"  # all | vision_tower | projector | text_decoder | dotted prefixes
@@ -77,6 +80,7 @@ class TrainConfig:
     append_eos: bool = True
     export_dir: str | None = None  # a transformers folder written at the end (LoRA merged)
     resume: bool = True
+    save_checkpoints: bool = True  # False: keep everything in memory (short experiment runs)
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -161,13 +165,18 @@ class Trainer:
         self.trainable_paths = paths
         trainable, self.frozen = subsets.split(params, paths)
         self.initial_trainable = trainable
-        self.train_data = _resolve(config.train_data)
+        self.train_data = _resolve(config.train_data) if config.batch_fn is None else None
         self.eval_data = _resolve(config.eval_data) if config.eval_data is not None else None
-        n = len(self.train_data)
-        per_epoch = n // config.batch_size
-        if per_epoch == 0:
-            raise DataError(f"{n} training examples cannot fill one batch of {config.batch_size}")
-        self.total_steps = config.max_steps or max(1, int(math.floor(config.epochs * per_epoch)))
+        if config.batch_fn is not None:
+            if not config.max_steps:
+                raise DataError("with batch_fn, set max_steps (there are no epochs to count)")
+            self.total_steps = config.max_steps
+        else:
+            n = len(self.train_data)
+            per_epoch = n // config.batch_size
+            if per_epoch == 0:
+                raise DataError(f"{n} training examples cannot fill one batch of {config.batch_size}")
+            self.total_steps = config.max_steps or max(1, int(math.floor(config.epochs * per_epoch)))
         warmup = int(round(config.warmup_ratio * self.total_steps))
         schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(self.total_steps, warmup + 1),
                                                       end_value=0.0)
@@ -244,10 +253,15 @@ class Trainer:
     def batch(self, step: int) -> dict:
         """Arrays [grad_accum, micro, ...] for global step `step`."""
         cfg = self.config
-        idx = batch_indices(len(self.train_data), step, cfg.batch_size, cfg.seed)
+        if cfg.batch_fn is not None:
+            examples = list(cfg.batch_fn(step))
+        else:
+            examples = [self.train_data[int(i)] for i in batch_indices(len(self.train_data), step, cfg.batch_size,
+                                                                       cfg.seed)]
+        if len(examples) != cfg.batch_size:
+            raise DataError(f"step {step} has {len(examples)} examples; batch_size is {cfg.batch_size}")
         micro = cfg.batch_size // cfg.grad_accum
-        parts = [self.collate([self.train_data[int(i)] for i in idx[k * micro:(k + 1) * micro]])
-                 for k in range(cfg.grad_accum)]
+        parts = [self.collate(examples[k * micro:(k + 1) * micro]) for k in range(cfg.grad_accum)]
         width = max(p["input_ids"].shape[1] for p in parts)
         answers = max(p["target_positions"].shape[1] for p in parts)
         parts = [_pad_micro(p, width, answers, self.model.config.text.pad_token_id or 0) for p in parts]
@@ -273,8 +287,8 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg = self.config
         os.makedirs(cfg.output_dir, exist_ok=True)
-        manager = self._manager()
-        state = self._restore(manager) if cfg.resume else None
+        manager = self._manager() if cfg.save_checkpoints else None
+        state = self._restore(manager) if (cfg.resume and manager is not None) else None
         if state is None:
             state = self.initial_state()
         start = int(state["step"])
@@ -286,7 +300,7 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.total_steps, initial=start, desc="finetuning", unit="step")
-        last_saved = start if manager.latest_step() is not None else None
+        last_saved = start if (manager is not None and manager.latest_step() is not None) else None
         with open(log_path, "a") as log:
             for step in range(start, self.total_steps):
                 batch = self.batch(step)
@@ -318,7 +332,7 @@ class Trainer:
                     evals[step + 1] = self.evaluate(state)
                     log.write(json.dumps({"step": step + 1, **evals[step + 1]}) + "\n")
                     log.flush()
-                if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or done:
+                if cfg.save_checkpoints and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or done):
                     self._save(manager, state)
                     last_saved = step + 1
         if bar is not None:
