@@ -11,6 +11,7 @@ correspondence then re-probing.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -45,9 +46,13 @@ def synthetic_items(model, rng, family: str, n: int, pool=tuple(range(40))) -> l
     return items
 
 
-def spair_items(model, root: str, rng, n: int) -> list[dict]:
+def spair_items(model, root: str, rng, n: int, part_names: dict | None = None) -> list[dict]:
     """SPair-71k pairs as study A items: a REF box around a source keypoint drawn on image 1,
-    four labelled candidate boxes (the true target keypoint and three others) on image 2."""
+    four labelled candidate boxes (the true target keypoint and three others) on image 2.
+
+    part_names ({category: {keypoint id: name or null}}, the study's nameable / unnameable
+    split, which SPair-71k itself does not ship) sets each item's "family" to "nameable" or
+    "unnameable"; without it every item is "spair"."""
     from PIL import Image, ImageDraw
 
     from vlm_jax.datasets.readers import read_spair
@@ -82,8 +87,12 @@ def spair_items(model, root: str, rng, n: int) -> list[dict]:
         correct = int(np.nonzero(order == 0)[0][0])
         question = ("the red box in image 1 marks a point of the object. image 2 shows four boxes labelled A, B, C "
                     "and D. which box marks the same point?")
+        family = "spair"
+        if part_names is not None:
+            kp_id = str(pair["keypoint_ids"][k]) if "keypoint_ids" in pair else str(k)
+            family = "nameable" if part_names.get(pair["category"], {}).get(kp_id) else "unnameable"
         items.append({"prompt": common.prompt(model, question, 2, questions.MC_PREFIX), "images": [src, trg],
-                      "family": pair["category"], "label": questions.LETTERS[correct], "correct": correct,
+                      "family": family, "category": pair["category"], "label": questions.LETTERS[correct], "correct": correct,
                       "ref_box": ref_box, "boxes": boxes})
     if not items:
         raise SystemExit(f"no usable SPair-71k test pairs under {root}")
@@ -163,6 +172,8 @@ def main() -> None:
     args = common.arguments(__doc__, "needs_words", lambda p: (
         p.add_argument("--items", type=int, default=64, help="items per family"),
         p.add_argument("--spair", help="a local SPair-71k folder: run the probes on its test pairs"),
+        p.add_argument("--spair-part-names", help="JSON {category: {keypoint id: name or null}}: splits SPair "
+                       "items into nameable / unnameable parts"),
         p.add_argument("--lr", type=float, default=3e-4, help="finetuning learning rate (the paper: 1e-5 on "
                        "2-14B models; the toy needs more)"),
         p.add_argument("--steps", type=int, default=60, help="teaching-names finetuning steps (batch 16)")))
@@ -177,7 +188,13 @@ def main() -> None:
 
     with common.stage(results, "items"):
         if args.spair:
-            families = {"spair": spair_items(model, args.spair, rng, args.items)}
+            part_names = None
+            if args.spair_part_names:
+                with open(args.spair_part_names) as f:
+                    part_names = json.load(f)
+            families = {}
+            for item in spair_items(model, args.spair, rng, args.items, part_names):
+                families.setdefault(item["family"], []).append(item)
         else:
             families = {"named": synthetic_items(model, rng, "named", args.items),
                         "squiggle": synthetic_items(model, rng, "squiggle", args.items)}
