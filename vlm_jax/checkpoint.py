@@ -114,6 +114,12 @@ def save_converted(model, out_dir: str | os.PathLike, *, force: bool = False) ->
     return str(out)
 
 
+def read_converted_config(folder: str | os.PathLike):
+    """The LlavaConfig a converted checkpoint was written with (reads only its metadata)."""
+    meta = json.loads((Path(folder) / FORMAT_FILE).read_text())
+    return config_from_dict(meta["config"])
+
+
 def load_converted(folder: str | os.PathLike, dtype=None, *, shardings=None):
     """(params, config, hf_config, layout) from a converted checkpoint.
 

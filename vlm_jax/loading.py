@@ -55,7 +55,8 @@ def load_processor(folder: str, config) -> Processor | None:
         return None
 
 
-def load(source: str, dtype=None, *, revision: str | None = None, progress: bool = True) -> Model:
+def load(source: str, dtype=None, *, revision: str | None = None, progress: bool = True,
+         sharding=None) -> Model:
     """Loads a LLaVA model.
 
     Args:
@@ -63,10 +64,17 @@ def load(source: str, dtype=None, *, revision: str | None = None, progress: bool
         sharded safetensors, either key layout), or a folder written by `vlm-jax convert`.
       dtype: parameter dtype, e.g. jnp.bfloat16 (None keeps the stored dtype).
       revision: hub revision (branch, tag or commit).
+      sharding: a vlm_jax.sharding.ShardingPlan (or a jax Mesh with data/fsdp/tensor axes):
+        every parameter is read straight into its shards on that mesh, and the returned
+        model runs sharded.
     """
+    from vlm_jax.sharding import as_plan
+
+    plan = as_plan(sharding)
     folder = resolve_folder(str(source), revision)
     if is_converted(folder):
-        params, cfg, hf_config, layout = load_converted(folder, dtype)
+        params, cfg, hf_config, layout = load_converted(
+            folder, dtype, shardings=None if plan is None else _converted_shardings(folder, plan))
     else:
         config_path = os.path.join(folder, "config.json")
         if not os.path.exists(config_path):
@@ -77,6 +85,13 @@ def load(source: str, dtype=None, *, revision: str | None = None, progress: bool
         with open(config_path) as f:
             hf_config = json.load(f)
         cfg = from_hf_config(hf_config)
-        params, layout = load_hf_params(folder, cfg, dtype, progress=progress)
+        params, layout = load_hf_params(folder, cfg, dtype, progress=progress,
+                                        shardings=None if plan is None else plan.param_shardings(cfg))
     return Model(params, cfg, processor=load_processor(folder, cfg), hf_config=hf_config, layout=layout,
-                 source=str(source))
+                 source=str(source), sharding=plan)
+
+
+def _converted_shardings(folder: str, plan) -> dict:
+    from vlm_jax.checkpoint import read_converted_config
+
+    return plan.param_shardings(read_converted_config(folder))

@@ -23,6 +23,7 @@ from vlm_jax.inputs import Batch, Processor, as_numpy_inputs
 from vlm_jax.interp.edits import AttentionEdit, Edits, stack_edits, validate_against_inputs
 from vlm_jax.interp.sweep import first_edited_layers, shared_prefix_sweep
 from vlm_jax.models import llava
+from vlm_jax.sharding import ShardingPlan, as_plan, mesh_context
 from vlm_jax.weights import Layout
 
 
@@ -98,16 +99,38 @@ class Generation:
 
 
 class Model:
-    """A LLaVA model: params (pytree), config (static), processor (may be None)."""
+    """A LLaVA model: params (pytree), config (static), processor (may be None).
+
+    With `sharding` (a vlm_jax.sharding.ShardingPlan) the params live split over its mesh,
+    and every method places its inputs on the mesh and runs under it.
+    """
 
     def __init__(self, params: dict, config: LlavaConfig, *, processor: Processor | None = None,
-                 hf_config: dict | None = None, layout: Layout | None = None, source: str | None = None):
+                 hf_config: dict | None = None, layout: Layout | None = None, source: str | None = None,
+                 sharding: ShardingPlan | None = None):
         self.params = params
         self.config = config
         self.processor = processor
         self.hf_config = hf_config
         self.layout = layout or Layout.default(config)
         self.source = source
+        self.sharding = as_plan(sharding)
+
+    def shard(self, sharding) -> "Model":
+        """This model with its parameters split over a mesh (ShardingPlan or Mesh)."""
+        plan = as_plan(sharding)
+        return Model(plan.shard_params(self.params, self.config), self.config, processor=self.processor,
+                     hf_config=self.hf_config, layout=self.layout, source=self.source, sharding=plan)
+
+    def mesh_context(self):
+        """Context to trace and run this model's computations under (a no-op unsharded)."""
+        return mesh_context(self.sharding)
+
+    def place(self, arrays: Mapping[str, Any]) -> dict:
+        """Input arrays on the model's devices: batch split over data x fsdp when sharded."""
+        if self.sharding is None:
+            return dict(arrays)
+        return self.sharding.place_batch(arrays)
 
     def __repr__(self) -> str:
         v, t = self.config.vision, self.config.text
@@ -186,11 +209,12 @@ class Model:
         arrays = self._arrays(inputs)
         self._check_edits(edits, arrays, fused_attention)
         fused = default_fused_attention() if fused_attention is None else fused_attention
-        return llava.forward_jit(
-            self.params, self.config, arrays, capture=tuple(sorted(set(capture))), edits=edits,
-            fused_attention=fused, compute_logits=compute_logits,
-            logit_positions=None if logit_positions is None else jnp.asarray(logit_positions, jnp.int32),
-        )
+        with self.mesh_context():
+            return llava.forward_jit(
+                self.params, self.config, self.place(arrays), capture=tuple(sorted(set(capture))), edits=edits,
+                fused_attention=fused, compute_logits=compute_logits,
+                logit_positions=None if logit_positions is None else jnp.asarray(logit_positions, jnp.int32),
+            )
 
     def run_sweep(self, inputs: Mapping[str, Any], edit_sets: Sequence[Edits] | Edits, *,
                   capture: Sequence[str] = (), fused_attention: bool | None = None,
@@ -209,12 +233,14 @@ class Model:
         n_sets = jax.tree.leaves(stacked)[0].shape[0] if stacked.ops else 0
         starts = first_edited_layers(stacked, n_sets) if (stacked.ops and not capture and compute_logits) else None
         n_layers = self.config.text.num_layers
-        if starts is not None and sum(1 + sum(s <= j for s in starts) for j in range(n_layers)) < n_sets * n_layers:
-            # every edit is in the text decoder: share the layers before each set's first edit
-            logits = shared_prefix_sweep(self.params, self.config, arrays, stacked, starts, positions, fused)
-            return llava.Output(logits=logits, acts={})
-        return _sweep_jit(self.params, self.config, arrays, stacked, tuple(sorted(set(capture))), fused,
-                          positions, compute_logits)
+        arrays = self.place(arrays)
+        with self.mesh_context():
+            if starts is not None and sum(1 + sum(s <= j for s in starts) for j in range(n_layers)) < n_sets * n_layers:
+                # every edit is in the text decoder: share the layers before each set's first edit
+                logits = shared_prefix_sweep(self.params, self.config, arrays, stacked, starts, positions, fused)
+                return llava.Output(logits=logits, acts={})
+            return _sweep_jit(self.params, self.config, arrays, stacked, tuple(sorted(set(capture))), fused,
+                              positions, compute_logits)
 
     def generate(self, inputs: Mapping[str, Any], max_new_tokens: int = 32, *, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
@@ -227,11 +253,12 @@ class Model:
         pad = pad_token_id if pad_token_id is not None else text.pad_token_id
         if pad is None:
             pad = eos[0] if eos else 0  # transformers falls back to eos as pad
-        tokens = gen.generate(
-            self.params, self.config, arrays, max_new_tokens,
-            sampling=gen.Sampling(do_sample, temperature, top_k, top_p), eos_token_ids=eos, pad_token_id=pad,
-            seed=seed, fused_attention=default_fused_attention() if fused_attention is None else fused_attention,
-        )
+        with self.mesh_context():
+            tokens = gen.generate(
+                self.params, self.config, self.place(arrays), max_new_tokens,
+                sampling=gen.Sampling(do_sample, temperature, top_k, top_p), eos_token_ids=eos, pad_token_id=pad,
+                seed=seed, fused_attention=default_fused_attention() if fused_attention is None else fused_attention,
+            )
         texts = self.processor.decode(tokens) if self.processor is not None else None
         return Generation(tokens, texts)
 
@@ -251,4 +278,4 @@ class Model:
     def astype(self, dtype) -> "Model":
         params = jax.tree.map(lambda x: x.astype(dtype), self.params)
         return Model(params, self.config, processor=self.processor, hf_config=self.hf_config,
-                     layout=self.layout, source=self.source)
+                     layout=self.layout, source=self.source, sharding=self.sharding)

@@ -380,13 +380,15 @@ def check_weights(index: WeightIndex, rules: list[TensorRule], cfg: LlavaConfig,
         raise WeightsMismatchError(source, missing, unexpected, mismatched)
 
 
-def load_hf_params(folder: str, cfg: LlavaConfig, dtype=None, *, place=None, progress: bool = False):
+def load_hf_params(folder: str, cfg: LlavaConfig, dtype=None, *, shardings=None, progress: bool = False):
     """Streams an HF folder's safetensors into a parameter tree.
 
     Args:
       dtype: parameter dtype (None keeps each tensor's stored dtype).
-      place: fn(path, np.ndarray) -> jax.Array putting one finished parameter on device(s)
-        (default jax.device_put); sharded loading passes its own.
+      shardings: optional tree (like the params) of jax.sharding.Sharding. Each parameter is
+        then assembled straight into its shards: only the shards this host's devices hold
+        are built, only the layers they need are read, and the whole model never sits on
+        one host (peak host memory ~ one HF tensor + one parameter's local shards).
 
     Returns:
       (params, Layout of the checkpoint).
@@ -395,12 +397,12 @@ def load_hf_params(folder: str, cfg: LlavaConfig, dtype=None, *, place=None, pro
     rules = tensor_rules(cfg)
     check_weights(index, rules, cfg, folder)
     specs = P.flatten(llava.param_specs(cfg))
+    flat_shardings = P.flatten(shardings) if shardings is not None else {}
     # parameter path -> [(rule, which target, layer)]
     by_param: dict[tuple, list] = {path: [] for path in specs}
     for rule in rules:
         for which, (path, layer) in enumerate(rule.targets):
             by_param[path].append((rule, which, layer))
-    place = place or (lambda path, array: jax.device_put(array))
     flat = {}
     items = list(by_param.items())
     if progress:
@@ -411,16 +413,45 @@ def load_hf_params(folder: str, cfg: LlavaConfig, dtype=None, *, place=None, pro
         for path, sources in items:
             first = index.entries[sources[0][0].hf_key]
             target_dtype = np.dtype(dtype) if dtype is not None else first.dtype
-            buffer = np.empty(specs[path].shape, target_dtype)
-            for rule, which, layer in sources:
-                part = rule.to_ours(reader.read(index.entries[rule.hf_key]))[which]
-                if layer is None:
-                    buffer[...] = part.astype(target_dtype, copy=False)
-                else:
-                    buffer[layer] = part.astype(target_dtype, copy=False)
-            flat[path] = place(path, buffer)
-            del buffer
+            sharding = flat_shardings.get(path)
+            if sharding is None:
+                flat[path] = jax.device_put(_assemble(reader, index, sources, specs[path].shape, target_dtype, None))
+            else:
+                flat[path] = _assemble_sharded(reader, index, sources, specs[path].shape, target_dtype, sharding)
     return P.unflatten(flat), index.layout
+
+
+def _normalise(index: tuple, shape) -> tuple[slice, ...]:
+    return tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
+
+
+def _assemble(reader, index, sources, shape, dtype, region: tuple[slice, ...] | None) -> np.ndarray:
+    """One parameter (or the `region` of it) from its HF tensors, reading only what it needs."""
+    region = region or tuple(slice(0, n) for n in shape)
+    buffer = np.empty(tuple(s.stop - s.start for s in region), dtype)
+    for rule, which, layer in sources:
+        if layer is not None and not region[0].start <= layer < region[0].stop:
+            continue  # this layer lives on other devices
+        part = rule.to_ours(reader.read(index.entries[rule.hf_key]))[which]
+        if layer is None:
+            buffer[...] = part[region].astype(dtype, copy=False)
+        else:
+            buffer[layer - region[0].start] = part[region[1:]].astype(dtype, copy=False)
+    return buffer
+
+
+def _assemble_sharded(reader, index, sources, shape, dtype, sharding) -> jax.Array:
+    """A jax.Array with `sharding`, built from this host's shards only (replicas built once)."""
+    by_region: dict[tuple, list] = {}
+    for device, idx in sharding.addressable_devices_indices_map(tuple(shape)).items():
+        key = tuple((s.start, s.stop) for s in _normalise(idx, shape))
+        by_region.setdefault(key, []).append(device)
+    arrays = []
+    for key, devices in by_region.items():
+        shard = _assemble(reader, index, sources, shape, dtype, tuple(slice(a, b) for a, b in key))
+        arrays += [jax.device_put(shard, d) for d in devices]
+        del shard
+    return jax.make_array_from_single_device_arrays(tuple(shape), sharding, arrays)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.nn.activations import activation
+from vlm_jax.sharding import constrain
 
 
 def _lora(x: jax.Array, params: dict, in_spec: str, out_spec: str) -> jax.Array | None:
@@ -55,12 +56,18 @@ def merge_heads(x: jax.Array, params: dict) -> jax.Array:
 
 def gated_mlp(x: jax.Array, params: dict, act: str) -> jax.Array:
     """down(act(gate(x)) * up(x)): Llama's SwiGLU MLP (and DINOv2-giant's)."""
-    return linear(activation(act)(linear(x, params["gate_proj"])) * linear(x, params["up_proj"]), params["down_proj"])
+    hidden = activation(act)(linear(x, params["gate_proj"])) * linear(x, params["up_proj"])
+    return linear(_constrain_width(hidden), params["down_proj"])
 
 
 def plain_mlp(x: jax.Array, params: dict, act: str) -> jax.Array:
     """fc2(act(fc1(x))): the ViT MLP."""
-    return linear(activation(act)(linear(x, params["fc1"])), params["fc2"])
+    return linear(_constrain_width(activation(act)(linear(x, params["fc1"]))), params["fc2"])
+
+
+def _constrain_width(hidden: jax.Array) -> jax.Array:
+    """The MLP's inner width [B, ..., F] is split on the tensor axis (under a mesh)."""
+    return constrain(hidden, ("batch",) + (None,) * (hidden.ndim - 2) + ("act_mlp",))
 
 
 def scan_layers(

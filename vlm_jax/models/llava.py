@@ -22,6 +22,7 @@ from vlm_jax.interp.site_hooks import apply_site_edit
 from vlm_jax.interp.sites import layer_sites, validate_capture
 from vlm_jax.models import params as P
 from vlm_jax.models import projector, text_decoder, vision_tower
+from vlm_jax.sharding import constrain
 
 
 @flax.struct.dataclass
@@ -149,7 +150,10 @@ def embed_inputs(params: dict, config: LlavaConfig, inputs: Mapping[str, Any], *
     attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
     position_ids = inputs.get("position_ids")
     position_ids = default_positions(attention_mask) if position_ids is None else jnp.asarray(position_ids)
-    embeds = jnp.take(params["language_model"]["embed_tokens"]["embedding"], input_ids, axis=0)
+    # Under a mesh the table's width is gathered first (its rows stay split on tensor), so the
+    # lookup lands batch-split instead of forcing a full rematerialisation.
+    table = constrain(params["language_model"]["embed_tokens"]["embedding"], ("act_vocab", None))
+    embeds = jnp.take(table, input_ids, axis=0)
     acts: dict = {}
     pixel_values = inputs.get("pixel_values")
     if pixel_values is not None:
@@ -157,7 +161,7 @@ def embed_inputs(params: dict, config: LlavaConfig, inputs: Mapping[str, Any], *
                                           fused=fused_attention, edits=edits, remat=remat)
         acts.update(vacts)
         embeds = merge_image_features(embeds, input_ids == config.image_token_id, projected)
-    embeds = _apply_global(edits, "text.embed", embeds)
+    embeds = _apply_global(edits, "text.embed", constrain(embeds, ("batch", "length", "act_embed")))
     if "text.embed" in capture:
         acts["text.embed"] = embeds
     return embeds, position_ids, attention_mask, acts

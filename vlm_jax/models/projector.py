@@ -14,8 +14,8 @@ def param_specs(cfg: LlavaConfig) -> dict:
     d_in = cfg.vision.hidden_size * len(cfg.vision_feature_layers)
     d_out = cfg.text.hidden_size
     return {
-        "linear_1": dense(d_in, d_out, "vision_embed", "embed", cfg.projector_bias),
-        "linear_2": dense(d_out, d_out, "embed", "embed", cfg.projector_bias),
+        "linear_1": dense(d_in, d_out, "vision_embed", "projector_mlp", cfg.projector_bias),
+        "linear_2": dense(d_out, d_out, "projector_mlp", "embed", cfg.projector_bias),
     }
 
 

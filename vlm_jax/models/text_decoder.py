@@ -22,6 +22,7 @@ from vlm_jax.models.params import ParamSpec, dense, norm, stack
 from vlm_jax.nn.attention import attention, causal_mask, mask_to_bias
 from vlm_jax.nn.norms import rms_norm
 from vlm_jax.nn.rope import apply_rope, rope_cos_sin
+from vlm_jax.sharding import constrain
 
 # Query block of the causal attention on full sequences (no cache): measured best on CPU.
 CAUSAL_BLOCK = 128
@@ -63,6 +64,11 @@ def param_specs(cfg: TextConfig) -> dict:
     }
 
 
+def _heads(x: jax.Array, axis: str) -> jax.Array:
+    """[B, T, H, E] split over heads on the tensor axis (under a mesh)."""
+    return constrain(x, ("batch", "length", axis, None))
+
+
 def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, cache_index, rebuild_edits,
            attn_edit_free: bool):
     groups = cfg.num_heads // cfg.num_kv_heads
@@ -70,12 +76,12 @@ def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, ca
     def layer(p: dict, h: jax.Array, per_layer: dict, index):
         site_ops, attn_ops = rebuild_edits(per_layer["edits"])
         sites = Sites(wanted, site_ops, attn_ops, prefix="text.")
-        h = sites("resid_pre", h)
+        h = sites("resid_pre", constrain(h, ("batch", "length", "act_embed")))
         x = rms_norm(h, p["input_layernorm"], cfg.rms_norm_eps)
         attn_p = p["self_attn"]
-        q = sites("q", apply_rope(project_heads(x, attn_p["q_proj"]), cos, sin))
-        k = sites("k", apply_rope(project_heads(x, attn_p["k_proj"]), cos, sin))
-        v = sites("v", project_heads(x, attn_p["v_proj"]))
+        q = sites("q", apply_rope(_heads(project_heads(x, attn_p["q_proj"]), "act_heads"), cos, sin))
+        k = sites("k", apply_rope(_heads(project_heads(x, attn_p["k_proj"]), "act_kv_heads"), cos, sin))
+        v = sites("v", _heads(project_heads(x, attn_p["v_proj"]), "act_kv_heads"))
         report = sites.report
         if "k_cache" in per_layer:  # write the new keys/values into this layer's cache
             at = (0, cache_index, 0, 0)
@@ -172,8 +178,10 @@ def final_norm(params: dict, cfg: TextConfig, h: jax.Array) -> jax.Array:
 def unembed(params: dict, lm_head: dict | None, h: jax.Array) -> jax.Array:
     """Logits [..., V] from final-normed states [..., D] (tied embeddings when lm_head is None)."""
     if lm_head is None:
-        return jnp.einsum("...d,vd->...v", h, params["embed_tokens"]["embedding"])
-    return jnp.einsum("...d,dv->...v", h, lm_head["kernel"])
+        logits = jnp.einsum("...d,vd->...v", h, params["embed_tokens"]["embedding"])
+    else:
+        logits = jnp.einsum("...d,dv->...v", h, lm_head["kernel"])
+    return constrain(logits, ("batch",) + (None,) * (logits.ndim - 2) + ("act_vocab",))
 
 
 def init_cache(cfg: TextConfig, batch: int, length: int, dtype) -> dict:

@@ -21,6 +21,7 @@ from vlm_jax.models.params import ParamSpec, dense, norm, stack
 from vlm_jax.nn.attention import attention
 from vlm_jax.nn.interpolate import bicubic_matrix
 from vlm_jax.nn.norms import layer_norm
+from vlm_jax.sharding import constrain
 
 LAYER_SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post", "attn_pattern", "q", "k", "v", "z")
 
@@ -137,7 +138,7 @@ def _layer(cfg: VisionConfig, wanted: frozenset, fused: bool, rebuild_edits, att
     def layer(p: dict, h: jax.Array, per_layer: dict, index):
         site_ops, attn_ops = rebuild_edits(per_layer["edits"])
         sites = Sites(wanted, site_ops, attn_ops, prefix="vision.")
-        h = sites("resid_pre", h)
+        h = sites("resid_pre", constrain(h, ("batch", "length", "act_embed")))
         x = layer_norm(h, p["layer_norm1"], cfg.layer_norm_eps)
         attn_p = p["self_attn"]
         q, k, v = (sites(name, project_heads(x, attn_p[f"{name}_proj"])) for name in ("q", "k", "v"))

@@ -285,7 +285,8 @@ def extract_features(model, examples: Sequence[Mapping], out_dir: str, *, sites=
         width = -(-batch.input_ids.shape[1] // token_bucket) * token_bucket
         batch = _left_pad(batch, width, cfg.text.pad_token_id or 0, cfg)
         text_w, vision_w = _pool_weights(model, padded, batch, pooling, width, len(images))
-        pooled = pool(model.params, model._arrays(batch), text_w, vision_w)
+        with model.mesh_context():  # sharded models: the batch is split over data x fsdp
+            pooled = pool(model.params, model.place(model._arrays(batch)), model.place(text_w), model.place(vision_w))
         for key, value in pooled.items():
             arrays[key][first:first + len(chunk)] = np.asarray(value)[: len(chunk)].astype(dtype)
         for array in arrays.values():

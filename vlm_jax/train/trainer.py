@@ -164,6 +164,10 @@ class Trainer:
             paths = subsets.select(params, config.trainable)
         self.trainable_paths = paths
         trainable, self.frozen = subsets.split(params, paths)
+        self.plan = self.model.sharding
+        if self.plan is not None:  # new leaves (LoRA factors, soft prompt) join the mesh too
+            trainable = self.plan.shard_params(trainable, self.model.config)
+            self.frozen = self.plan.shard_params(self.frozen, self.model.config)
         self.initial_trainable = trainable
         self.train_data = _resolve(config.train_data) if config.batch_fn is None else None
         self.eval_data = _resolve(config.eval_data) if config.eval_data is not None else None
@@ -187,8 +191,12 @@ class Trainer:
                                  mask=decay_mask))
         self.optimizer = optax.chain(*chain)
         self.collate = Collator(self.model, config.token_bucket, config.append_eos)
+        self.state_shardings = self._state_shardings(trainable) if self.plan is not None else None
+        # Sharded: the state keeps the same shards step after step (one compilation, and the
+        # donated buffers are reused in place).
+        pinned = {} if self.plan is None else {"out_shardings": (self.state_shardings, self.plan.replicated)}
         self._step = jax.jit(functools.partial(_train_step, optimizer=self.optimizer, config=self.model.config,
-                                               dtype=self.dtype, remat=config.remat), donate_argnums=0)
+                                               dtype=self.dtype, remat=config.remat), donate_argnums=0, **pinned)
         self._eval = jax.jit(functools.partial(_eval_step, config=self.model.config, dtype=self.dtype))
         self.checkpoint_dir = os.path.abspath(os.path.join(config.output_dir, "checkpoints"))
 
@@ -196,7 +204,28 @@ class Trainer:
     def initial_state(self) -> dict:
         """A fresh state (its own buffers: the step donates them)."""
         trainable = jax.tree.map(jnp.copy, self.initial_trainable)
-        return {"step": jnp.int32(0), "trainable": trainable, "opt_state": self.optimizer.init(trainable)}
+        if self.plan is None:
+            return {"step": jnp.int32(0), "trainable": trainable, "opt_state": self.optimizer.init(trainable)}
+        shardings = self.state_shardings
+        opt_state = jax.jit(self.optimizer.init, out_shardings=shardings["opt_state"])(trainable)
+        return {"step": jax.device_put(jnp.int32(0), shardings["step"]), "trainable": trainable,
+                "opt_state": opt_state}
+
+    def _state_shardings(self, trainable: dict) -> dict:
+        """Shardings of the training state: optimizer moments sit with their parameter."""
+        by_key = {k: v.sharding for k, v in trainable.items()}
+        replicated = self.plan.replicated
+
+        def moment(path, leaf):
+            for entry in reversed(path):
+                key = getattr(entry, "key", None)
+                if isinstance(key, str) and key in trainable and trainable[key].shape == leaf.shape:
+                    return by_key[key]
+            return replicated
+
+        opt_abstract = jax.eval_shape(self.optimizer.init, trainable)
+        return {"step": replicated, "trainable": by_key,
+                "opt_state": jax.tree_util.tree_map_with_path(moment, opt_abstract)}
 
     def signature(self) -> dict:
         """What a checkpoint must match to be resumed by this trainer."""
@@ -243,8 +272,8 @@ class Trainer:
                 f"the checkpoint at {self.checkpoint_dir} (step {step}) belongs to another model or parameter "
                 "subset than this run (its config or trainable shapes differ). Fix: use another output_dir, "
                 "or set resume=False to start over there.")
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+        # restore every leaf straight into the shards a fresh state would have
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                 self.initial_state())
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(abstract)))
         return restored["state"]
@@ -269,6 +298,10 @@ class Trainer:
             raise DataError("with grad_accum > 1 every micro-batch must hold the same number of images")
         return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
 
+    def _place(self, batch: dict) -> dict:
+        """Step arrays [accum, micro, ...]: the micro-batch axis is split over data x fsdp."""
+        return batch if self.plan is None else self.plan.place_batch(batch, batch_axis=1)
+
     def evaluate(self, state: dict) -> dict:
         """Held-out loss and exact-match accuracy (every answer token is the model's top token)."""
         data = self.eval_data
@@ -276,7 +309,8 @@ class Trainer:
         size = self.config.eval_batch_size
         for start in range(0, len(data), size):
             mb = self.collate([data[i] for i in range(start, min(start + size, len(data)))])
-            nll, stats = self._eval(state["trainable"], self.frozen, mb)
+            with self.model.mesh_context():
+                nll, stats = self._eval(state["trainable"], self.frozen, self.model.place(mb))
             totals["nll"] += float(nll)
             for key in ("count", "exact", "rows"):
                 totals[key] += float(stats[key])
@@ -305,7 +339,8 @@ class Trainer:
             for step in range(start, self.total_steps):
                 batch = self.batch(step)
                 began = time.perf_counter()
-                state, metrics = self._step(state, self.frozen, batch)
+                with self.model.mesh_context():
+                    state, metrics = self._step(state, self.frozen, self._place(batch))
                 loss = float(metrics["loss"])  # waits for the step
                 seconds = time.perf_counter() - began
                 if not bool(metrics["finite"]):
