@@ -18,10 +18,31 @@ from real_data_fixtures import write_blink, write_cub, write_spair
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(REPO, "checkpoints", "toy-llava")
+_MODEL: dict = {}
 
 
-def run_study(study: str, out, *extra: str) -> dict:
+def study_model(tmp_root) -> str:
+    """The trained toy when present; otherwise the untrained toy (same architecture and
+    vocabulary), so the studies' plumbing is tested either way."""
+    if os.path.exists(os.path.join(TOY, "config.json")):
+        return TOY
+    if "path" not in _MODEL:
+        sys.path.insert(0, os.path.join(REPO, "experiments", "toy"))
+        from train_toy import write_initial_model
+
+        _MODEL["path"] = write_initial_model(os.path.join(tmp_root, "untrained-toy"))
+    return _MODEL["path"]
+
+
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory):
+    return study_model(str(tmp_path_factory.mktemp("toy")))
+
+
+def run_study(study: str, out, *extra: str, model: str | None = None) -> dict:
     cmd = [sys.executable, os.path.join(REPO, "experiments", study, "run.py"), "--smoke", "--out", str(out), *extra]
+    if model is not None:
+        cmd += ["--model", model]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(os.path.join(out, "results.json")) as f:
@@ -52,9 +73,9 @@ def pngs(out) -> set[str]:
     return {name for name in os.listdir(out) if name.endswith(".png")}
 
 
-def test_needs_words_smoke(tmp_path):
-    results = run_study("needs_words", tmp_path)
-    assert results["model"].endswith("toy-llava")
+def test_needs_words_smoke(tmp_path, model_path):
+    results = run_study("needs_words", tmp_path, model=model_path)
+    assert results["model"] == model_path
     assert_finite(results, "direct_accuracy", "maxsim_accuracy_per_layer", "jaccard_per_layer", "teaching_names",
                   "task_finetuning")
     assert set(results["direct_accuracy"]) == {"named", "squiggle"}
@@ -64,8 +85,8 @@ def test_needs_words_smoke(tmp_path):
             "teaching_names.png", "maxsim_after_task_finetuning.png"} <= pngs(tmp_path)
 
 
-def test_hidden_in_plain_sight_smoke(tmp_path):
-    results = run_study("hidden_in_plain_sight", tmp_path)
+def test_hidden_in_plain_sight_smoke(tmp_path, model_path):
+    results = run_study("hidden_in_plain_sight", tmp_path, model=model_path)
     assert_finite(results, "direct_accuracy", "blind_accuracy", "readout_per_level", "prompt_tuning_depth",
                   "component_finetuning_depth", "answer_to_image_attention")
     assert set(results["direct_accuracy"]) == {"depth", "matching", "style"}
@@ -76,8 +97,8 @@ def test_hidden_in_plain_sight_smoke(tmp_path):
     assert {"blind_test.png", "layer_sweep.png", "answer_attention.png"} <= pngs(tmp_path)
 
 
-def test_compensate_smoke(tmp_path):
-    results = run_study("compensate", tmp_path)
+def test_compensate_smoke(tmp_path, model_path):
+    results = run_study("compensate", tmp_path, model=model_path)
     assert_finite(results, "median_best_rank_per_layer", "direct_accuracy")
     ranks = results["median_best_rank_per_layer"]
     assert {"baseline", "ViT diagonal, all layers", "ViT diagonal + CLS, all layers",
@@ -89,30 +110,31 @@ def test_compensate_smoke(tmp_path):
     assert "identifiability_per_layer.png" in pngs(tmp_path)
 
 
-def test_finer_smoke(tmp_path):
-    results = run_study("finer", tmp_path)
+def test_finer_smoke(tmp_path, model_path):
+    results = run_study("finer", tmp_path, model=model_path)
     assert_finite(results, "open_ended", "text_only_fine", "attrseek_fine", "fine_class_probe_accuracy")
     assert set(results["open_ended"]) == {"superordinate", "coarse", "fine"}
     assert set(results["fine_class_probe_accuracy"]) == {"vision.features", "projector.out", "text.hidden_states"}
     assert {"levels.png", "probes.png"} <= pngs(tmp_path)
 
 
-def test_real_data_paths_on_fixtures(tmp_path):
+def test_real_data_paths_on_fixtures(tmp_path, model_path):
     """--spair, --blink and --cub read the published layouts and run their analyses."""
     spair = write_spair(str(tmp_path / "SPair-71k"))
     names = tmp_path / "parts.json"
     names.write_text(json.dumps({"cat": {"0": "left eye", "1": "nose"}, "car": {}}))
-    results = run_study("needs_words", tmp_path / "a", "--spair", spair, "--spair-part-names", str(names))
+    results = run_study("needs_words", tmp_path / "a", "--spair", spair, "--spair-part-names", str(names),
+                        model=model_path)
     assert set(results["direct_accuracy"]) <= {"nameable", "unnameable"} and results["direct_accuracy"]
     assert_finite(results, "maxsim_accuracy_per_layer", "jaccard_per_layer")
 
     blink = write_blink(str(tmp_path / "blink"))
-    results = run_study("hidden_in_plain_sight", tmp_path / "b", "--blink", blink)
+    results = run_study("hidden_in_plain_sight", tmp_path / "b", "--blink", blink, model=model_path)
     assert_finite(results, "direct_accuracy", "blind_accuracy")
     assert set(results["with_image"]["frequency"]) == {"A", "B", "none"}
 
     cub = write_cub(str(tmp_path / "CUB_200_2011"))
-    results = run_study("compensate", tmp_path / "c", "--cub", cub)
+    results = run_study("compensate", tmp_path / "c", "--cub", cub, model=model_path)
     assert_finite(results, "median_best_rank_per_layer", "direct_accuracy")
-    results = run_study("finer", tmp_path / "d", "--cub", cub)
+    results = run_study("finer", tmp_path / "d", "--cub", cub, model=model_path)
     assert_finite(results, "open_ended", "text_only_fine", "attrseek_fine")

@@ -17,6 +17,10 @@ from vlm_jax.datasets import questions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(REPO, "checkpoints", "toy-llava")
+# Until a toy that meets its bar (held-out name/colour >= 90%) is committed, these are skipped
+# (issue 5); the experiment smoke tests then run on the untrained toy instead.
+pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(TOY, "config.json")),
+                                reason="checkpoints/toy-llava is not committed yet (issue 5: training recipe)")
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,15 @@ def _dtype(name: str | None):
     return jnp.dtype(DTYPES[name])
 
 
+def _sharding(args):
+    """--distributed starts jax.distributed (multi-host); --mesh splits the model over devices."""
+    from vlm_jax import sharding
+
+    if getattr(args, "distributed", False):
+        sharding.initialize_distributed()
+    return sharding.parse_mesh(args.mesh) if getattr(args, "mesh", None) else None
+
+
 def _default_out(source: str) -> str:
     name = os.path.basename(os.path.normpath(source)).replace("/", "--") or "model"
     return os.path.join("checkpoints", f"{name}-vlm_jax")
@@ -57,7 +66,7 @@ def _open_image(path: str):
 def cmd_generate(args) -> int:
     import vlm_jax as vj
 
-    model = vj.load(args.model, dtype=_dtype(args.dtype))
+    model = vj.load(args.model, dtype=_dtype(args.dtype), sharding=_sharding(args))
     images = [_open_image(p) for p in args.image]
     batch = _prepare(model, images, args.prompt, args.chat)
     result = model.generate(batch, args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
@@ -79,7 +88,7 @@ def cmd_lens(args) -> int:
     import vlm_jax as vj
     from vlm_jax.interp.lens_report import lens_table, patch_lens, plot_patch_lens
 
-    model = vj.load(args.model, dtype=_dtype(args.dtype))
+    model = vj.load(args.model, dtype=_dtype(args.dtype), sharding=_sharding(args))
     images = [_open_image(p) for p in args.image]
     batch = _prepare(model, images, args.prompt, args.chat)
     lens = patch_lens(model, batch, image=args.image_index, k=args.k)
@@ -102,7 +111,7 @@ def cmd_extract(args) -> int:
     import vlm_jax as vj
     from vlm_jax.probe.features import extract_features
 
-    model = vj.load(args.model, dtype=_dtype(args.dtype))
+    model = vj.load(args.model, dtype=_dtype(args.dtype), sharding=_sharding(args))
     rows = _read_jsonl(args.data)
     base = os.path.dirname(os.path.abspath(args.data))
 
@@ -164,6 +173,12 @@ def cmd_finetune(args) -> int:
     config = load_config(args.config)
     if args.no_resume:
         config.resume = False
+    if args.distributed:
+        from vlm_jax.sharding import initialize_distributed
+
+        initialize_distributed()
+    if args.mesh:
+        config.mesh = args.mesh
     result = Trainer(config).run()
     last = result.losses[max(result.losses)] if result.losses else float("nan")
     print(f"trained {result.steps} steps (final loss {last:.4f}); checkpoints in {result.checkpoint_dir}")
@@ -184,6 +199,10 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    scale = argparse.ArgumentParser(add_help=False)
+    scale.add_argument("--mesh", help="run sharded, e.g. 'fsdp=4,tensor=2' (data takes the remaining devices)")
+    scale.add_argument("--distributed", action="store_true",
+                       help="multi-host: call jax.distributed.initialize() first (Cloud TPU pods)")
 
     p = sub.add_parser("demo", help="make a small random LLaVA, convert it, generate, print a logit-lens table")
     p.add_argument("--workdir", default="checkpoints", help="where the demo checkpoints go")
@@ -204,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("generate", help="generate text for an image and a prompt")
+    p = sub.add_parser("generate", parents=[scale], help="generate text for an image and a prompt")
     p.add_argument("--model", required=True, help="hub id, transformers folder or vlm_jax checkpoint")
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     p.add_argument("--prompt", required=True, help="prompt; with --chat the user message")
@@ -218,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype")
     p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("lens", help="logit lens of every patch of an image: PNG + text table")
+    p = sub.add_parser("lens", parents=[scale], help="logit lens of every patch of an image: PNG + text table")
     p.add_argument("--model", required=True, help="hub id, transformers folder or vlm_jax checkpoint")
     p.add_argument("--image", action="append", required=True, help="image file (repeat for several)")
     p.add_argument("--prompt", required=True)
@@ -230,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype")
     p.set_defaults(fn=cmd_lens)
 
-    p = sub.add_parser("extract", help="pooled features of a JSONL dataset at chosen sites, written to disk")
+    p = sub.add_parser("extract", parents=[scale], help="pooled features of a JSONL dataset at chosen sites, written to disk")
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True, help="JSONL: {image(s), prompt, [label], [region], [position]} per line")
     p.add_argument("--out", required=True, help="feature folder (resumed if it exists)")
@@ -255,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the per-layer results as JSON")
     p.set_defaults(fn=cmd_probe)
 
-    p = sub.add_parser("finetune", help="finetune from a Python config (config() -> vlm_jax.train.TrainConfig)")
+    p = sub.add_parser("finetune", parents=[scale], help="finetune from a Python config (config() -> vlm_jax.train.TrainConfig)")
     p.add_argument("config")
     p.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
     p.set_defaults(fn=cmd_finetune)

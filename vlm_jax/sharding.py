@@ -288,6 +288,18 @@ def as_plan(sharding) -> ShardingPlan | None:
     raise TypeError(f"sharding must be a ShardingPlan or a jax Mesh, not {type(sharding).__name__}")
 
 
+def parse_mesh(text: str) -> ShardingPlan:
+    """'fsdp=4,tensor=2' (data takes the remaining devices) -> ShardingPlan with default rules."""
+    sizes: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if name not in MESH_AXES or not value.isdigit():
+            raise ValueError(f"bad mesh spec {text!r}: write e.g. 'data=2,fsdp=2,tensor=2' "
+                             f"(axes {', '.join(MESH_AXES)}; unnamed data takes the remaining devices)")
+        sizes[name] = int(value)
+    return ShardingPlan(make_mesh(sizes.get("data"), sizes.get("fsdp", 1), sizes.get("tensor", 1)))
+
+
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None, **kwargs) -> None:
     """jax.distributed.initialize for multi-host runs (call once per process, before any

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from vlm_jax.datasets import depth, hierarchy, questions
-from vlm_jax.random_model import build_processor, build_tokenizer, make_random_llava, tiny_hf_config
+from vlm_jax.random_model import build_tokenizer, make_random_llava, tiny_hf_config
 
 IMAGE_SIZE = 64
 # words the experiments need that training never shows (names taught later, study D's words)
@@ -92,6 +92,18 @@ def evaluate(model, n: int = 200, seed: int = 999) -> dict:
     return scores
 
 
+def write_initial_model(out_dir: str, seed: int = 0) -> str:
+    """The untrained toy (random weights, the toy's tokenizer and architecture): where training
+    starts, and what the experiment smoke tests run on when no trained toy is present."""
+    tokenizer = build_tokenizer(vocabulary())
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    vocab = -(-len(tokenizer) // 8) * 8
+    config = tiny_hf_config(vocab, image_token, vision_layers=4, text_layers=4, vision_width=96, text_width=192,
+                            image_size=IMAGE_SIZE, patch_size=8, text_intermediate=512)
+    config["text_config"]["max_position_embeddings"] = 512
+    return make_random_llava(out_dir, config, seed=seed, tokenizer=tokenizer, force=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=2500)
@@ -105,14 +117,7 @@ def main() -> None:
     import vlm_jax as vj
     from vlm_jax.train import TrainConfig, Trainer
 
-    tokenizer = build_tokenizer(vocabulary())
-    image_token = tokenizer.convert_tokens_to_ids("<image>")
-    vocab = -(-len(tokenizer) // 8) * 8
-    config = tiny_hf_config(vocab, image_token, vision_layers=4, text_layers=4, vision_width=96, text_width=192,
-                            image_size=IMAGE_SIZE, patch_size=8, text_intermediate=512)
-    config["text_config"]["max_position_embeddings"] = 512
-    init_dir = os.path.join(args.workdir, "init")
-    make_random_llava(init_dir, config, seed=args.seed, tokenizer=tokenizer, force=True)
+    init_dir = write_initial_model(os.path.join(args.workdir, "init"), args.seed)
     model = vj.load(init_dir, dtype="float32", progress=False)
     print(model)
     train = TrainConfig(model=init_dir, train_data=None, batch_fn=batch_fn(args.batch_size, args.seed),

@@ -77,6 +77,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     remat: bool = True
     token_bucket: int = 64
+    mesh: str | None = None  # e.g. "fsdp=4,tensor=2": load and train sharded (vlm_jax.sharding)
     append_eos: bool = True
     export_dir: str | None = None  # a transformers folder written at the end (LoRA merged)
     resume: bool = True
@@ -150,7 +151,12 @@ class Trainer:
         self.config = config
         if config.batch_size % config.grad_accum:
             raise DataError(f"batch_size {config.batch_size} is not a multiple of grad_accum {config.grad_accum}")
-        self.model = model or vj.load(config.model, dtype=config.param_dtype, progress=False)
+        if model is None:
+            from vlm_jax.sharding import parse_mesh
+
+            sharding = parse_mesh(config.mesh) if config.mesh else None
+            model = vj.load(config.model, dtype=config.param_dtype, progress=False, sharding=sharding)
+        self.model = model
         self.dtype = self.model.dtype
         params = self.model.params
         if config.lora is not None:

@@ -1,0 +1,83 @@
+"""Every benchmark workload in one command, vlm_jax against the tools researchers would use.
+
+    python benchmarks/run_all.py [--quick] [--out benchmarks/last_run]
+
+Runs, one after another on the same machine (each script checks that the outputs of the two
+libraries agree before it times anything):
+  interp.py      forward, capture-all, all-layer logit lens, 8-ablation sweep vs transformers;
+                 each against its FLOP floor at the machine's best measured matmul rate
+  generation.py  greedy decoding tokens/s vs transformers' generate()
+  finetune.py    full and LoRA finetuning steps (tokens/s) vs PyTorch + transformers
+  probes.py      33-layer logistic probes vs scikit-learn
+  loading.py     peak host memory while loading, orbax reload time
+TransformerLens and nnsight: the runner reports whether they are installed. Timing them is
+not implemented yet (they were not installed on the machines these results come from, and
+installing them pulls a CUDA torch build here); transformers is the baseline for every row.
+
+Each script's output is printed and, with --out, saved as <out>/<script>.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+FULL = [
+    ("interp", ["--batches", "1", "4", "--repeats", "5"]),
+    ("generation", ["--batches", "1", "4", "--new-tokens", "32", "--repeats", "3"]),
+    ("finetune", ["--steps", "5"]),
+    ("probes", ["--repeats", "3"]),
+    ("loading", ["--repeats", "3"]),
+]
+QUICK = [
+    ("interp", ["--batches", "1", "--repeats", "2"]),
+    ("generation", ["--batches", "1", "--new-tokens", "8", "--repeats", "1"]),
+    ("finetune", ["--steps", "2"]),
+    ("probes", ["--repeats", "1"]),
+    ("loading", ["--repeats", "1"]),
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and batch sizes (a smoke run)")
+    parser.add_argument("--only", nargs="+", choices=[name for name, _ in FULL])
+    parser.add_argument("--out", help="folder for each script's output")
+    parser.add_argument("--workdir", default="/tmp/vlm_jax_bench", help="where the benchmark model is written")
+    args = parser.parse_args()
+    for tool in ("transformer_lens", "nnsight"):
+        found = importlib.util.find_spec(tool) is not None
+        print(f"{tool}: {'installed (not timed: not implemented)' if found else 'not installed'}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+    failures = []
+    for name, extra in QUICK if args.quick else FULL:
+        if args.only and name not in args.only:
+            continue
+        cmd = [sys.executable, os.path.join(HERE, f"{name}.py"), *extra]
+        if name != "probes":
+            cmd += ["--workdir", args.workdir]
+        print(f"\n===== {name}: {' '.join(cmd[1:])}", flush=True)
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        print(proc.stdout, end="")
+        if proc.returncode:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            failures.append(name)
+        print(f"===== {name}: {'ok' if not proc.returncode else 'FAILED'} in {time.perf_counter() - start:.0f} s")
+        if args.out:
+            with open(os.path.join(args.out, f"{name}.txt"), "w") as f:
+                f.write(proc.stdout)
+    if failures:
+        print(f"failed: {', '.join(failures)}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
