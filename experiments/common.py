@@ -36,6 +36,14 @@ def load_model(args):
     return model
 
 
+def start_study(args, **extra):
+    """Loads the model, creates the results folder; (model, rng, results header)."""
+    model = load_model(args)
+    os.makedirs(args.out, exist_ok=True)
+    results = {"model": args.model, "run": "smoke" if args.smoke else "full", **extra}
+    return model, np.random.default_rng(args.seed), results
+
+
 def prompt(model, question: str, n_images: int, prefix: str = "") -> str:
     """The model's own chat template around `question` with n images, answer begun by prefix."""
     content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]

@@ -175,11 +175,8 @@ def main() -> None:
         p.add_argument("--cub", help="a local CUB_200_2011 folder: parts located by their keypoints")))
     if args.smoke:
         args.items = 6
-    model = common.load_model(args)
+    model, rng, results = common.start_study(args, items=args.items)
     out = args.out
-    os.makedirs(out, exist_ok=True)
-    rng = np.random.default_rng(args.seed)
-    results: dict = {"model": args.model, "run": "smoke" if args.smoke else "full", "items": args.items}
     tables: dict = {}
     items = cub_items(model, args.cub, rng, args.items) if args.cub else synthetic_items(model, rng, args.items)
     ranks, accuracy = {}, {}

@@ -77,11 +77,8 @@ def main() -> None:
         p.add_argument("--cub-items", type=int, default=500)))
     if args.smoke:
         args.per_class, args.cub_items = 1, 12
-    model = common.load_model(args)
+    model, rng, results = common.start_study(args)
     out = args.out
-    os.makedirs(out, exist_ok=True)
-    rng = np.random.default_rng(args.seed)
-    results: dict = {"model": args.model, "run": "smoke" if args.smoke else "full"}
     tables: dict = {}
     items = cub_items(args.cub, rng, args.cub_items) if args.cub else synthetic_items(rng, args.per_class)
     level_questions, attribute_question = questions_for(args)

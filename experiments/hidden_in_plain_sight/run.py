@@ -220,11 +220,8 @@ def main() -> None:
         p.add_argument("--blink", help="a BLINK-style jsonl: direct answers and the blind test on real items")))
     if args.smoke:
         args.items, args.train_items, args.steps = 6, 16, 2
-    model = common.load_model(args)
+    model, rng, results = common.start_study(args)
     out = args.out
-    os.makedirs(out, exist_ok=True)
-    rng = np.random.default_rng(args.seed)
-    results: dict = {"model": args.model, "run": "smoke" if args.smoke else "full"}
     tables: dict = {}
 
     if args.blink:

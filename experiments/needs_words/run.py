@@ -179,11 +179,8 @@ def main() -> None:
         p.add_argument("--steps", type=int, default=60, help="teaching-names finetuning steps (batch 16)")))
     if args.smoke:
         args.items, args.steps = 6, 3
-    model = common.load_model(args)
-    rng = np.random.default_rng(args.seed)
+    model, rng, results = common.start_study(args, items_per_family=args.items)
     out = args.out
-    os.makedirs(out, exist_ok=True)
-    results: dict = {"model": args.model, "run": "smoke" if args.smoke else "full", "items_per_family": args.items}
     tables: dict = {}
 
     with common.stage(results, "items"):
