@@ -54,6 +54,27 @@ def shard_report(params, plan, config) -> dict:
     return {"bad": bad, "split": split, "total": len(specs)}
 
 
+def bad_input_report(plan) -> dict:
+    """The messages of the mistakes that need several devices to make."""
+    import warnings
+
+    out = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sharding = plan.batch_sharding((3, 5))  # 3 rows over data x fsdp = 4
+    out["indivisible_batch_warning"] = [str(w.message) for w in caught]
+    out["indivisible_batch_spec"] = str(sharding.spec)
+    for name, make in {"wrong_product": lambda: S.make_mesh(data=3, fsdp=2, tensor=2),
+                       "fsdp_not_dividing": lambda: S.make_mesh(fsdp=3),
+                       "mesh_without_axes": lambda: S.as_plan(jax.make_mesh((8,), ("batch",)))}.items():
+        try:
+            make()
+            out[name] = None
+        except ValueError as error:
+            out[name] = str(error)
+    return out
+
+
 def examples(n: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     words = ["what shape is this", "what colour is it", "where is the shape", "how many shapes"]
@@ -151,6 +172,7 @@ def main(workdir: str) -> None:
         float(np.max(np.abs(np.load(os.path.join(workdir, "feat-single", f))
                             - np.load(os.path.join(workdir, "feat-sharded", f))))) for f in stored)
 
+    report["bad_input"] = bad_input_report(plan)
     report["train_full"] = train_pair(folder, plan, workdir, "full")
     report["train_lora"] = train_pair(folder, plan, workdir, "lora", lora=LoraConfig(rank=4))
     with open(os.path.join(workdir, "report.json"), "w") as f:

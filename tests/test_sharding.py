@@ -62,3 +62,13 @@ def test_sharded_training_step_equals_unsharded(report, kind):
     assert r["moments_split"] == r["moments"]  # optimizer state sits with its parameter's shards
     assert r["params_split"] > 0
     assert r["step_compiles"] == 1  # three steps, one compilation
+
+
+def test_mistakes_that_need_several_devices_are_explained(report):
+    bad = report["bad_input"]
+    assert bad["indivisible_batch_spec"] in ("P()", "PartitionSpec()")  # replicated, still correct
+    assert len(bad["indivisible_batch_warning"]) == 1
+    assert "not divisible by data x fsdp = 4" in bad["indivisible_batch_warning"][0]
+    assert "12 devices, but 8 are available" in bad["wrong_product"] and "Fix:" in bad["wrong_product"]
+    assert "cannot be split into fsdp=3" in bad["fsdp_not_dividing"]
+    assert "missing" in bad["mesh_without_axes"] and "make_mesh" in bad["mesh_without_axes"]

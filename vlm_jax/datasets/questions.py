@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlm_jax.datasets.shapes import COLORS, NAMED_SHAPES, Entity, place, random_entity, render_scene
+from vlm_jax.datasets.shapes import COLORS, NAMED_SHAPES, Entity, place, random_entity, render_scene, snap
 
 LETTERS = ("A", "B", "C", "D")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
@@ -31,17 +31,18 @@ def position_word(center: tuple[float, float], image_size: int) -> str:
 
 
 def single_shape(rng, kind: str, image_size: int = 64, squiggle_id: int = 0, color: str | None = None,
-                 variant: str = "plain", size_range=(14, 22)):
-    """One entity roughly centred: (image, entity, box, mask)."""
+                 variant: str = "plain", size_range=(16, 20)):
+    """One entity near the centre (on the placement grid): (image, entity, box, mask)."""
     size = float(rng.uniform(*size_range))
     jitter = image_size * 0.12
-    center = (image_size / 2 + rng.uniform(-jitter, jitter), image_size / 2 + rng.uniform(-jitter, jitter))
+    center = (snap(image_size / 2 + rng.uniform(-jitter, jitter), image_size),
+              snap(image_size / 2 + rng.uniform(-jitter, jitter), image_size))
     entity = random_entity(rng, kind, center=center, size=size, squiggle_id=squiggle_id, color=color, variant=variant)
     img, boxes, masks = render_scene([entity], image_size)
     return img, entity, boxes[0], masks[0]
 
 
-def scene(rng, kinds: list[tuple[str, int]], image_size: int = 64, size_range=(8, 13)):
+def scene(rng, kinds: list[tuple[str, int]], image_size: int = 64, size_range=(11, 14)):
     """Several entities placed without overlap: (image, entities, boxes, masks) or None."""
     sizes = [float(rng.uniform(*size_range)) for _ in kinds]
     centers = place(rng, sizes, image_size)
@@ -142,7 +143,7 @@ def correspondence_item(rng, family: str, image_size: int = 64, squiggle_pool: t
                         prefix: str = MC_PREFIX):
     """A REF image and a 2x2 option image; family 'named' or 'squiggle'.
 
-    The REF and its match share the shape (not colour, size or rotation); the three
+    The REF and its match share the shape (not colour or size); the three
     distractors are other shapes of the same family. Returns the example with the correct
     letter, option boxes / masks in image 2, and the REF box / mask in image 1.
     """
@@ -160,7 +161,7 @@ def correspondence_item(rng, family: str, image_size: int = 64, squiggle_pool: t
     entities = []
     for slot, which in enumerate(order):
         kind, sid = kinds[which]
-        center = (half * (slot % 2) + half / 2 + rng.uniform(-2, 2), half * (slot // 2) + half / 2 + rng.uniform(-2, 2))
+        center = (snap(half * (slot % 2) + half / 2, image_size), snap(half * (slot // 2) + half / 2, image_size))
         entities.append(random_entity(rng, kind, center=center, size=float(rng.uniform(9, 12)), squiggle_id=sid))
     options_img, boxes, masks = render_scene(entities, image_size)
     return {

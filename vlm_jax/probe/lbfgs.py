@@ -32,29 +32,26 @@ def minimize(value_and_grad: Callable, x0: jax.Array, *, max_iter: int = 200, to
     )
 
     def direction(state):
-        """-H g from the stored pairs in the compact form of Byrd, Nocedal and Schnabel:
-        H g = gamma g + S p + gamma Y q with p, q from two m x m triangular solves, i.e. a few
-        matrix products instead of the 4m vector operations of the two-loop recursion. The
-        ring buffer is put in age order on the small m-sized quantities only."""
-        S, Y, g = state["S"], state["Y"], state["g"]
-        age = (state["m"] + jnp.arange(memory)) % memory  # slots, oldest first (unused ones lead)
-        valid = state["rho"][age] != 0
-        SY = (S @ Y.T)[age][:, age]  # SY[i, j] = s_i . y_j in age order
-        newest = age[-1]
-        yy_new = jnp.dot(Y[newest], Y[newest])
-        gamma = jnp.where((state["m"] > 0) & (yy_new > 0), SY[-1, -1] / jnp.maximum(yy_new, 1e-30), 1.0)
-        both = valid[:, None] & valid[None, :]
-        eye = jnp.eye(memory, dtype=g.dtype)
-        R = jnp.where(both, jnp.triu(SY), 0.0) + jnp.where(valid, 0.0, 1.0) * eye
-        diag = jnp.where(valid, jnp.diagonal(SY), 0.0)
-        Yg = (Y @ g)[age]
-        a, c = (S @ g)[age], gamma * Yg
-        u = jax.scipy.linalg.solve_triangular(R, a, lower=False)
-        YY = (Y @ Y.T)[age][:, age]
-        middle = diag * u + gamma * (YY @ u) - c
-        p = jax.scipy.linalg.solve_triangular(R, middle, lower=False, trans="T")
-        in_slots = jnp.zeros((memory, 2), g.dtype).at[age].set(jnp.stack([p, -gamma * u], axis=1))
-        return -(gamma * g + S.T @ in_slots[:, 0] + Y.T @ in_slots[:, 1])
+        """-H g by the two-loop recursion over the stored pairs, newest first. Unused slots have
+        rho = 0 and drop out. Unrolled over the `memory` slots: on CPU this is ~3x cheaper per
+        iteration than the compact (matrix) form, whose small solves and gathers each cost a
+        kernel launch."""
+        S, Y, rho, g = state["S"], state["Y"], state["rho"], state["g"]
+        newest = (state["m"] - 1) % memory
+        yy = jnp.dot(Y[newest], Y[newest])
+        sy = jnp.where(rho[newest] != 0, 1.0 / jnp.where(rho[newest] != 0, rho[newest], 1.0), 0.0)
+        gamma = jnp.where((state["m"] > 0) & (yy > 0), sy / jnp.maximum(yy, 1e-30), 1.0)
+        q, alphas = g, []
+        for i in range(memory):
+            slot = (state["m"] - 1 - i) % memory
+            alpha = rho[slot] * jnp.dot(S[slot], q)
+            q = q - alpha * Y[slot]
+            alphas.append((slot, alpha))
+        r = gamma * q
+        for slot, alpha in reversed(alphas):
+            beta = rho[slot] * jnp.dot(Y[slot], r)
+            r = r + (alpha - beta) * S[slot]
+        return -r
 
     def not_done(state):
         return (state["k"] < max_iter) & (jnp.max(jnp.abs(state["g"])) > tol)
