@@ -56,6 +56,111 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+def slow_repeats(repeats: int) -> int:
+    """Repeats for the PyTorch sweeps: each call is 8 forwards, so half the repeats, at least 2."""
+    return max(2, repeats // 2)
+
+
+def prepare(cfg, inputs: dict) -> tuple:
+    """The same inputs for both libraries.
+
+    Returns (arrays: jax int32/float32 arrays, t_inputs: torch tensors, image_mask [B, T] bool,
+    positions [B, P] int32: the image tokens' positions, last [B, 1] int32: the last position).
+    """
+    import jax.numpy as jnp
+    import torch
+
+    arrays = {k: jnp.asarray(v.astype(np.int32) if v.dtype == np.int64 else v) for k, v in inputs.items()}
+    t_inputs = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    image_mask = inputs["input_ids"] == cfg.image_token_id
+    positions = np.stack([np.nonzero(row)[0] for row in image_mask]).astype(np.int32)
+    batch, t_len = inputs["input_ids"].shape
+    last = np.full((batch, 1), t_len - 1, np.int32)
+    return arrays, t_inputs, image_mask, positions, last
+
+
+def jax_workloads(cfg) -> dict:
+    """The jitted vlm_jax workloads: forward -> logits [B, T, V]; capture -> (logits, acts with
+    text.embed and text.resid_post); lens(params, arrays, positions [B, P]) -> top-5 (ids, probs),
+    each [L + 1, B, P, 5], with no logits computed for the forward itself."""
+    import jax
+
+    from vlm_jax.interp.logit_lens import gather_positions, logit_lens, stack_residuals
+    from vlm_jax.models import llava
+
+    def forward(params, arrays):
+        return llava.forward(params, cfg, arrays).logits
+
+    def capture(params, arrays):
+        out = llava.forward(params, cfg, arrays, capture=("text.embed", "text.resid_post"))
+        return out.logits, out.acts
+
+    def lens(params, arrays, positions):
+        out = llava.forward(params, cfg, arrays, capture=("text.embed", "text.resid_post"), compute_logits=False)
+        states = gather_positions(stack_residuals(out.acts), positions)
+        result = logit_lens(params, cfg, states, k=5)
+        return result.top_ids, result.top_probs
+
+    return {"forward": jax.jit(forward), "capture": jax.jit(capture), "lens": jax.jit(lens)}
+
+
+def sweep_edits(model, image_mask) -> list:
+    """One Edits per text layer: zero the image tokens' residual after that layer."""
+    n_layers = model.config.text.num_layers
+    return [model.edits().zero("text.resid_post", layers=layer, where=image_mask) for layer in range(n_layers)]
+
+
+def jax_sweep(model, inputs: dict, sets: list, last):
+    """All ablations in one vmapped call: logits [n_sets, B, 1, V] at positions `last` [B, 1]."""
+    return model.run_sweep(inputs, sets, logit_positions=last, fused_attention=False).logits
+
+
+def hf_lens(hf, t_inputs: dict, positions, logits_to_keep: int = 1) -> list:
+    """transformers' all-layer logit lens: one torch.topk (values, indices [B, P, 5]) per hidden
+    state (embeddings + every layer), at the image positions [B, P].
+
+    logits_to_keep: passed to the forward; the default 1 unembeds only the last position (0 would
+    unembed every position, work the lens does not need; results before 2026-11-22 were taken so).
+    """
+    import torch
+
+    lm = hf.model.language_model
+    idx = torch.from_numpy(positions.astype(np.int64))
+    with torch.no_grad():
+        out = hf(**t_inputs, output_hidden_states=True, logits_to_keep=logits_to_keep)
+        n_layers = len(out.hidden_states) - 1
+        tops = []
+        for layer, h in enumerate(out.hidden_states):
+            h = torch.gather(h, 1, idx[..., None].expand(-1, -1, h.shape[-1]))
+            logits = hf.lm_head(h if layer == n_layers else lm.norm(h))  # the last state is already normed
+            tops.append(torch.topk(torch.softmax(logits, -1), 5))
+        return tops
+
+
+def hf_sweep(hf, t_inputs: dict, image_mask) -> list:
+    """8 hooked forwards, one per layer, zeroing the image tokens' residual after that layer:
+    logits [B, 1, V] each."""
+    import torch
+
+    lm = hf.model.language_model
+    mask_t = torch.from_numpy(image_mask)
+
+    def hook(mod, args, output):
+        out = output.clone()
+        out[mask_t] = 0.0
+        return out
+
+    outs = []
+    for layer in range(len(lm.layers)):
+        handle = lm.layers[layer].register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                outs.append(hf(**t_inputs, logits_to_keep=1).logits)
+        finally:
+            handle.remove()
+    return outs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
@@ -65,13 +170,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import jax
-    import jax.numpy as jnp
     import torch
     from transformers import LlavaForConditionalGeneration
 
     import vlm_jax as vj
-    from vlm_jax.interp.logit_lens import gather_positions, logit_lens, stack_residuals
-    from vlm_jax.models import llava
+    from vlm_jax.interp.logit_lens import stack_residuals
 
     folder = build_model(args.workdir)
     model = vj.load(folder, progress=False)
@@ -82,31 +185,13 @@ def main() -> None:
     print(f"best float32 matmul: {peak['best'] / 1e9:.0f} GFLOP/s (jax {peak['jax'] / 1e9:.0f}, "
           f"torch {peak.get('torch', 0) / 1e9:.0f})")
     n_layers = cfg.text.num_layers
-
-    @jax.jit
-    def jax_forward(params, arrays):
-        return llava.forward(params, cfg, arrays).logits
-
-    @jax.jit
-    def jax_capture(params, arrays):
-        out = llava.forward(params, cfg, arrays, capture=("text.embed", "text.resid_post"))
-        return out.logits, out.acts
-
-    def lens_fn(params, arrays, positions):
-        out = llava.forward(params, cfg, arrays, capture=("text.embed", "text.resid_post"), compute_logits=False)
-        states = gather_positions(stack_residuals(out.acts), positions)
-        lens = logit_lens(params, cfg, states, k=5)
-        return lens.top_ids, lens.top_probs
-
-    jax_lens = jax.jit(lens_fn)
+    workloads = jax_workloads(cfg)
+    jax_forward, jax_capture, jax_lens = workloads["forward"], workloads["capture"], workloads["lens"]
 
     results = []
     for batch in args.batches:
         inputs = make_inputs(cfg, batch)
-        arrays = {k: jnp.asarray(v.astype(np.int32) if v.dtype == np.int64 else v) for k, v in inputs.items()}
-        t_inputs = {k: torch.from_numpy(v) for k, v in inputs.items()}
-        image_mask = inputs["input_ids"] == cfg.image_token_id
-        positions = np.stack([np.nonzero(row)[0] for row in image_mask]).astype(np.int32)
+        arrays, t_inputs, image_mask, positions, last = prepare(cfg, inputs)
         t_len = inputs["input_ids"].shape[1]
         fwd_flops = forward_flops(cfg, batch, t_len, batch)
         floor = lambda flops: flops / peak["best"]  # noqa: E731
@@ -140,58 +225,25 @@ def main() -> None:
         record("capture", t_ours, t_hf, fwd_flops, note=f"{t_ours['median'] / results[-1]['vlm_jax_s']:.3f}x forward")
 
         # --- all-layer logit lens at the image tokens -----------------------------------------
-        lm = hf.model.language_model
-        idx = torch.from_numpy(positions.astype(np.int64))
-
-        def hf_lens():
-            with torch.no_grad():
-                out = hf(**t_inputs, output_hidden_states=True, logits_to_keep=0)
-                tops = []
-                for layer, h in enumerate(out.hidden_states):
-                    h = torch.gather(h, 1, idx[..., None].expand(-1, -1, h.shape[-1]))
-                    logits = hf.lm_head(h if layer == n_layers else lm.norm(h))
-                    tops.append(torch.topk(torch.softmax(logits, -1), 5))
-                return tops
-
-        ref = hf_lens()
+        ref = hf_lens(hf, t_inputs, positions)
         ids, probs = jax_lens(model.params, arrays, positions)
         ref_ids = np.stack([t.indices.numpy() for t in ref])
         agree = float(np.mean(np.asarray(ids) == ref_ids))
         assert agree > 0.999, f"lens top-5 ids agree at {agree:.4f}"
         assert rel_err(probs, np.stack([t.values.numpy() for t in ref])) < 1e-3
-        t_hf = timed(hf_lens, args.repeats)
+        t_hf = timed(lambda: hf_lens(hf, t_inputs, positions), args.repeats)
         t_ours = timed(lambda: jax.block_until_ready(jax_lens(model.params, arrays, positions)), args.repeats)
         lens_total = forward_flops(cfg, batch, t_len, batch, logit_positions=0) + lens_flops(
             cfg, batch, positions.shape[1], n_layers + 1)
         record("lens", t_ours, t_hf, lens_total, note=f"top-5 ids agree {agree:.4f}")
 
         # --- sweep of 8 single-layer ablations -----------------------------------------------
-        last = np.full((batch, 1), t_len - 1, np.int32)
-        sets = [model.edits().zero("text.resid_post", layers=layer, where=image_mask) for layer in range(n_layers)]
-        sweep = model.run_sweep(inputs, sets, logit_positions=last, fused_attention=False).logits
-        mask_t = torch.from_numpy(image_mask)
-
-        def hf_sweep():
-            outs = []
-            for layer in range(n_layers):
-                def hook(mod, a, output):
-                    out = output.clone()
-                    out[mask_t] = 0.0
-                    return out
-
-                handle = lm.layers[layer].register_forward_hook(hook)
-                try:
-                    with torch.no_grad():
-                        outs.append(hf(**t_inputs, logits_to_keep=1).logits)
-                finally:
-                    handle.remove()
-            return outs
-
-        ref = np.stack([o.numpy() for o in hf_sweep()])
+        sets = sweep_edits(model, image_mask)
+        sweep = jax_sweep(model, inputs, sets, last)
+        ref = np.stack([o.numpy() for o in hf_sweep(hf, t_inputs, image_mask)])
         assert rel_err(sweep, ref) < 1e-4, "sweep logits differ"
-        t_hf = timed(hf_sweep, max(2, args.repeats // 2))
-        t_ours = timed(lambda: jax.block_until_ready(
-            model.run_sweep(inputs, sets, logit_positions=last, fused_attention=False).logits), args.repeats)
+        t_hf = timed(lambda: hf_sweep(hf, t_inputs, image_mask), slow_repeats(args.repeats))
+        t_ours = timed(lambda: jax.block_until_ready(jax_sweep(model, inputs, sets, last)), args.repeats)
         record("sweep8", t_ours, t_hf, n_layers * forward_flops(cfg, batch, t_len, batch, logit_positions=1))
 
     print("\n| batch | workload | vlm_jax (s) | transformers (s) | floor (s) | vlm_jax / floor | transformers / floor "

@@ -6,13 +6,16 @@ Runs, one after another on the same machine (each script checks that the outputs
 libraries agree before it times anything):
   interp.py      forward, capture-all, all-layer logit lens, 8-ablation sweep vs transformers;
                  each against its FLOP floor at the machine's best measured matmul rate
+  interp_tools.py  capture-all, logit lens and 8-ablation sweep with nnsight (NNsight traces)
+                 and TransformerLens (TransformerBridge run_with_cache / run_with_hooks), next to
+                 transformers hooks and vlm_jax; a tool that is not installed, or cannot boot
+                 offline, is reported as such and skipped
   generation.py  greedy decoding tokens/s vs transformers' generate()
   finetune.py    full and LoRA finetuning steps (tokens/s) vs PyTorch + transformers
   probes.py      33-layer logistic probes vs scikit-learn
   loading.py     peak host memory while loading, orbax reload time
-TransformerLens and nnsight: the runner reports whether they are installed. Timing them is
-not implemented yet (they were not installed on the machines these results come from, and
-installing them pulls a CUDA torch build here); transformers is the baseline for every row.
+TransformerLens and nnsight are timed by interp_tools.py (the runner first reports whether each
+is installed); the other scripts compare vlm_jax with transformers alone.
 
 Each script's output is printed and, with --out, saved as <out>/<script>.txt.
 """
@@ -30,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 FULL = [
     ("interp", ["--batches", "1", "4", "--repeats", "5"]),
+    ("interp_tools", ["--batches", "1", "--repeats", "3"]),
     ("generation", ["--batches", "1", "4", "--new-tokens", "32", "--repeats", "3"]),
     ("finetune", ["--steps", "5"]),
     ("probes", ["--repeats", "3"]),
@@ -37,6 +41,7 @@ FULL = [
 ]
 QUICK = [
     ("interp", ["--batches", "1", "--repeats", "2"]),
+    ("interp_tools", ["--batches", "1", "--repeats", "1"]),
     ("generation", ["--batches", "1", "--new-tokens", "8", "--repeats", "1"]),
     ("finetune", ["--steps", "2"]),
     ("probes", ["--repeats", "1"]),
@@ -53,7 +58,7 @@ def main() -> int:
     args = parser.parse_args()
     for tool in ("transformer_lens", "nnsight"):
         found = importlib.util.find_spec(tool) is not None
-        print(f"{tool}: {'installed (not timed: not implemented)' if found else 'not installed'}")
+        print(f"{tool}: {'installed (timed by interp_tools)' if found else 'not installed'}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
     failures = []
