@@ -6,7 +6,9 @@ synthetic shape-world questions (vlm_jax.datasets): shape names, colours, positi
 captions, study A's correspondence format and study D's hierarchy, for the six named shapes
 only (squiggles appear only as unnamed objects to count). Deterministic from --seed on CPU.
 
-    python experiments/toy/train_toy.py [--steps 3000] [--seed 0] [--out checkpoints/toy-llava]
+    python experiments/toy/train_toy.py --out checkpoints/.toy-stage1                # stage 1, ~41 min
+    python experiments/toy/train_toy.py --init checkpoints/.toy-stage1 --focus \
+        --steps 1500 --lr 5e-4                                                       # stage 2, ~14 min
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ SINGLE = (
     (lambda rng, s: hierarchy.hierarchy_training_example(rng, s, "image_fine"), 0.35),
 )
 GROUPS = {"single": 0.7, "pair": 0.2, "text": 0.1}
+# Stage 2 (--init STAGE1 --focus): after stage 1 the toy names the easy shapes and reads a lone
+# shape's colour, but confuses circle / hexagon / pentagon and does not yet bind "the <shape>" to
+# the right object of two; stage 2 tilts the mixture towards those questions at a lower lr.
+FOCUS_SINGLE = {"name": 4.0, "color": 6.0, "caption": 2.0}
+FOCUS_GROUPS = {"single": 0.85, "pair": 0.1, "text": 0.05}
 # The first steps show single images only (short sequences, every answer about the image), so
 # the vision tower learns the shapes before the mixture's two-image and text-only batches.
 SINGLE_ONLY_FRACTION = 0.4
@@ -57,14 +64,17 @@ def vocabulary(seed: int = 123) -> list[str]:
     return sorted(words)
 
 
-def batch_fn(batch_size: int, seed: int, single_only_steps: int = 0):
+def batch_fn(batch_size: int, seed: int, single_only_steps: int = 0, focus: bool = False):
     singles = [g for g, _ in SINGLE]
-    weights = np.array([w for _, w in SINGLE], float)
+    focus_weights = {questions.name_question: FOCUS_SINGLE["name"], questions.color_question: FOCUS_SINGLE["color"],
+                     questions.caption: FOCUS_SINGLE["caption"]}
+    weights = np.array([focus_weights.get(g, w) if focus else w for g, w in SINGLE], float)
     weights /= weights.sum()
+    groups = FOCUS_GROUPS if focus else GROUPS
 
     def batch(step: int) -> list[dict]:
         rng = np.random.default_rng([seed, step])
-        group = str(rng.choice(list(GROUPS), p=list(GROUPS.values())))
+        group = str(rng.choice(list(groups), p=list(groups.values())))
         if step < single_only_steps:
             group = "single"
         if group == "pair":
@@ -116,16 +126,31 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="checkpoints/toy-llava")
-    parser.add_argument("--workdir", default="checkpoints/.toy-training")
+    parser.add_argument("--workdir", help="orbax checkpoints (resumable) and the initial model; default "
+                        "checkpoints/.toy-training, or .toy-training-stage2 with --init")
+    parser.add_argument("--init", help="start from this toy (stage 2) instead of random weights")
+    parser.add_argument("--focus", action="store_true", help="stage 2's mixture (name / colour / captions)")
     args = parser.parse_args()
+    args.workdir = args.workdir or ("checkpoints/.toy-training-stage2" if args.init else "checkpoints/.toy-training")
 
     import vlm_jax as vj
     from vlm_jax.train import TrainConfig, Trainer
 
-    init_dir = write_initial_model(os.path.join(args.workdir, "init"), args.seed)
+    if args.init:
+        init_dir = os.path.join(args.workdir, "init")
+        if os.path.exists(init_dir):
+            shutil.rmtree(init_dir)
+        shutil.copytree(args.init, init_dir)  # --init may be --out: stage 2 overwrites it at the end
+    else:
+        init_dir = write_initial_model(os.path.join(args.workdir, "init"), args.seed)
+    previous = None
+    if os.path.exists(os.path.join(init_dir, "toy_card.json")):
+        with open(os.path.join(init_dir, "toy_card.json")) as f:
+            previous = json.load(f)
     model = vj.load(init_dir, dtype="float32", progress=False)
     print(model)
-    train = TrainConfig(model=init_dir, train_data=None, batch_fn=batch_fn(args.batch_size, args.seed, int(SINGLE_ONLY_FRACTION * args.steps)),
+    train = TrainConfig(model=init_dir, train_data=None, batch_fn=batch_fn(args.batch_size, args.seed, 0 if args.init else int(SINGLE_ONLY_FRACTION * args.steps),
+                                                         focus=args.focus),
                         output_dir=os.path.join(args.workdir, "run"), param_dtype="float32",
                         learning_rate=args.lr, betas=(0.9, 0.98), weight_decay=0.01, warmup_ratio=0.05,
                         batch_size=args.batch_size, max_steps=args.steps, checkpoint_every=250,
@@ -140,7 +165,11 @@ def main() -> None:
     card = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr,
             "train_minutes": round(minutes, 1), "final_loss": result.losses[args.steps],
             "held_out_accuracy": scores, "parameters": trained.num_params,
+            "init": "previous_stage" if args.init else "random", "focus": args.focus,
+            "command": "python " + " ".join(sys.argv),
             "script": "experiments/toy/train_toy.py", "teaching_names": TEACHING_NAMES}
+    if previous is not None:
+        card["previous_stage"] = previous
     with open(os.path.join(out, "toy_card.json"), "w") as f:
         json.dump(card, f, indent=2)
     if os.path.exists(args.out):
