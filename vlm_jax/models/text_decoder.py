@@ -70,7 +70,7 @@ def _heads(x: jax.Array, axis: str) -> jax.Array:
 
 
 def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, cache_index, rebuild_edits,
-           attn_edit_free: bool):
+           attn_edit_free: bool, prefill: bool = False):
     groups = cfg.num_heads // cfg.num_kv_heads
 
     def layer(p: dict, h: jax.Array, per_layer: dict, index):
@@ -83,17 +83,20 @@ def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, ca
         k = sites("k", apply_rope(_heads(project_heads(x, attn_p["k_proj"]), "act_kv_heads"), cos, sin))
         v = sites("v", _heads(project_heads(x, attn_p["v_proj"]), "act_kv_heads"))
         report = sites.report
+        blocked = "k_cache" not in per_layer or prefill
         if "k_cache" in per_layer:  # write the new keys/values into this layer's cache
             at = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(per_layer["k_cache"], k.astype(per_layer["k_cache"].dtype), at)
-            v = jax.lax.dynamic_update_slice(per_layer["v_cache"], v.astype(per_layer["v_cache"].dtype), at)
-            report["k_cache"], report["v_cache"] = k, v
+            k_all = jax.lax.dynamic_update_slice(per_layer["k_cache"], k.astype(per_layer["k_cache"].dtype), at)
+            v_all = jax.lax.dynamic_update_slice(per_layer["v_cache"], v.astype(per_layer["v_cache"].dtype), at)
+            report["k_cache"], report["v_cache"] = k_all, v_all
+            if not prefill:  # a prefill attends to its own keys only: the later slots are still empty
+                k, v = k_all, v_all
         bias = biases[per_layer["mask_kind"]] if biases.shape[0] > 1 else biases[0]
         want_pattern = "attn_pattern" in wanted
         out, pattern = attention(
             q, k, v, scale=cfg.head_dim**-0.5, bias=bias, return_pattern=want_pattern,
             fused=fused and not want_pattern and attn_edit_free, score_edit=score_editor(attn_ops, groups),
-            causal_block=None if "k_cache" in per_layer else CAUSAL_BLOCK,
+            causal_block=CAUSAL_BLOCK if blocked else None,
         )
         sites.record("attn_pattern", pattern)
         attn_out = sites("attn_out", merge_heads(sites("z", out), attn_p["o_proj"]))
@@ -140,6 +143,11 @@ def forward(
     """
     t_len = embeds.shape[1]
     query_index = cache_index + jnp.arange(t_len)
+    # A prefill (the first T tokens into an empty cache) attends only to its T keys, with the
+    # blocked causal attention of cache-free forwards, instead of to every cache slot.
+    prefill = cache is not None and isinstance(cache_index, int) and cache_index == 0 and t_len > 1
+    if prefill:
+        key_valid = key_valid[:, :t_len]
     key_index = jnp.arange(key_valid.shape[1])
     # Dynamic/longrope scaling depends on the sequence length, as in transformers.
     seq_len = jnp.max(positions) + 1
@@ -163,7 +171,8 @@ def forward(
     if layer_range is not None:
         start, end = layer_range
         stacked, per_layer = jax.tree.map(lambda a: a[start:end], (stacked, per_layer))
-    layer = _layer(cfg, frozenset(capture), fused, biases, cos, sin, cache_index, rebuild_edits, not attention_ops)
+    layer = _layer(cfg, frozenset(capture), fused, biases, cos, sin, cache_index, rebuild_edits, not attention_ops,
+                   prefill)
     h, report = scan_layers(layer, embeds, stacked, per_layer, remat=remat)
     new_cache = None
     if cache is not None:
