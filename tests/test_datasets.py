@@ -30,6 +30,25 @@ def test_generators_are_deterministic_from_the_seed(make):
     assert _same(a, b) and not _same(a, c)
 
 
+@pytest.mark.parametrize("make", [questions.name_question, questions.color_question, questions.count_question,
+                                  questions.caption, lambda rng, s: questions.correspondence_item(rng, "named", s)])
+def test_shapes_are_upright_and_on_the_patch_grid(make):
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        item = make(rng, 64)
+        for entity in item["entities"]:
+            assert entity.rotation == 0.0
+            assert entity.center[0] % 8 == 0 and entity.center[1] % 8 == 0, entity.center
+
+
+def test_place_reports_when_shapes_cannot_fit():
+    from vlm_jax.datasets.shapes import place
+
+    assert place(np.random.default_rng(0), [40.0], 64) is None  # larger than the image
+    centers = place(np.random.default_rng(0), [12.0, 12.0], 64)
+    assert centers is not None and np.hypot(*np.subtract(*centers)) > 26
+
+
 def test_scene_boxes_and_masks_agree_and_occlusion_is_exact():
     near = Entity("square", "red", (30, 30), 12, 0.3)
     far = Entity("circle", "blue", (38, 34), 12)

@@ -149,8 +149,9 @@ def main() -> None:
             previous = json.load(f)
     model = vj.load(init_dir, dtype="float32", progress=False)
     print(model)
-    train = TrainConfig(model=init_dir, train_data=None, batch_fn=batch_fn(args.batch_size, args.seed, 0 if args.init else int(SINGLE_ONLY_FRACTION * args.steps),
-                                                         focus=args.focus),
+    single_only_steps = 0 if args.init else int(SINGLE_ONLY_FRACTION * args.steps)
+    batches = batch_fn(args.batch_size, args.seed, single_only_steps, focus=args.focus)
+    train = TrainConfig(model=init_dir, train_data=None, batch_fn=batches,
                         output_dir=os.path.join(args.workdir, "run"), param_dtype="float32",
                         learning_rate=args.lr, betas=(0.9, 0.98), weight_decay=0.01, warmup_ratio=0.05,
                         batch_size=args.batch_size, max_steps=args.steps, checkpoint_every=250,
