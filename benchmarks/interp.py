@@ -115,6 +115,15 @@ def jax_sweep(model, inputs: dict, sets: list, last):
     return model.run_sweep(inputs, sets, logit_positions=last, fused_attention=False).logits
 
 
+def lens_top5(norm, head, h, idx):
+    """torch.topk (values, indices), each [B, P, 5], of softmax(head(norm(h))) at positions
+    idx [B, P] of the residual h [B, T, D]."""
+    import torch
+
+    h = torch.gather(h, 1, idx[..., None].expand(-1, -1, h.shape[-1]))
+    return torch.topk(torch.softmax(head(norm(h)), -1), 5)
+
+
 def hf_lens(hf, t_inputs: dict, positions, logits_to_keep: int = 1) -> list:
     """transformers' all-layer logit lens: one torch.topk (values, indices [B, P, 5]) per hidden
     state (embeddings + every layer), at the image positions [B, P].
@@ -129,12 +138,9 @@ def hf_lens(hf, t_inputs: dict, positions, logits_to_keep: int = 1) -> list:
     with torch.no_grad():
         out = hf(**t_inputs, output_hidden_states=True, logits_to_keep=logits_to_keep)
         n_layers = len(out.hidden_states) - 1
-        tops = []
-        for layer, h in enumerate(out.hidden_states):
-            h = torch.gather(h, 1, idx[..., None].expand(-1, -1, h.shape[-1]))
-            logits = hf.lm_head(h if layer == n_layers else lm.norm(h))  # the last state is already normed
-            tops.append(torch.topk(torch.softmax(logits, -1), 5))
-        return tops
+        # the last state is already normed
+        return [lens_top5(torch.nn.Identity() if layer == n_layers else lm.norm, hf.lm_head, h, idx)
+                for layer, h in enumerate(out.hidden_states)]
 
 
 def hf_sweep(hf, t_inputs: dict, image_mask) -> list:

@@ -42,8 +42,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from common import machine, timed  # noqa: E402
 from interp import (  # noqa: E402
-    build_model, hf_lens, hf_sweep, jax_sweep, jax_workloads, make_inputs, prepare, rel_err, slow_repeats,
-    sweep_edits)
+    build_model, hf_lens, hf_sweep, jax_sweep, jax_workloads, lens_top5, make_inputs, prepare, rel_err,
+    slow_repeats, sweep_edits)
 
 WORKLOADS = ("capture", "lens", "sweep8")
 TOOLS = ("transformers", "nnsight", "TransformerLens", "vlm_jax")
@@ -90,15 +90,6 @@ def to_numpy(x) -> np.ndarray:
     if hasattr(x, "detach"):
         return x.detach().numpy()
     return np.asarray(x)
-
-
-def lens_top5(norm, head, h, idx):
-    """torch.topk (values, indices), each [B, P, 5], of softmax(head(norm(h))) at positions
-    idx [B, P] of the residual h [B, T, D]."""
-    import torch
-
-    h = torch.gather(h, 1, idx[..., None].expand(-1, -1, h.shape[-1]))
-    return torch.topk(torch.softmax(head(norm(h)), -1), 5)
 
 
 def stack_tops(tops: list) -> tuple:
