@@ -37,10 +37,9 @@ def minimize(value_and_grad: Callable, x0: jax.Array, *, max_iter: int = 200, to
         iteration than the compact (matrix) form, whose small solves and gathers each cost a
         kernel launch."""
         S, Y, rho, g = state["S"], state["Y"], state["rho"], state["g"]
-        newest = (state["m"] - 1) % memory
+        newest = (state["m"] - 1) % memory  # a stored pair whenever m > 0
         yy = jnp.dot(Y[newest], Y[newest])
-        sy = jnp.where(rho[newest] != 0, 1.0 / jnp.where(rho[newest] != 0, rho[newest], 1.0), 0.0)
-        gamma = jnp.where((state["m"] > 0) & (yy > 0), sy / jnp.maximum(yy, 1e-30), 1.0)
+        gamma = jnp.where((state["m"] > 0) & (yy > 0), jnp.dot(S[newest], Y[newest]) / jnp.maximum(yy, 1e-30), 1.0)
         q, alphas = g, []
         for i in range(memory):
             slot = (state["m"] - 1 - i) % memory
