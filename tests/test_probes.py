@@ -44,7 +44,7 @@ def test_vmapped_fit_equals_single_fits():
     weights[0, :50] = 0.0  # two "folds"
     weights[1, 50:100] = 0.0
     with jax.enable_x64(True):
-        args = dict(n_classes=4, max_iter=1000, tol=1e-10, layers_per_step=1)
+        args = dict(n_classes=4, max_iter=1000, tol=1e-10)
         W, b, _, _ = _fit_logistic_layers(jnp.asarray(X, jnp.float64), jnp.asarray(y), jnp.asarray(weights),
                                           jnp.asarray(lambdas), **args)
         for layer in range(3):
