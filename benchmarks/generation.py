@@ -5,7 +5,9 @@ written once as a transformers folder so both libraries load the same tensors. I
 1 and 4, one image each, ~600 prompt tokens; N new tokens with no EOS stop (both libraries
 produce exactly N tokens). Before timing, both must produce the same tokens.
 
-Reported: median seconds for prefill + N tokens, new tokens/s, and the ratio.
+Reported: median seconds for prefill + N tokens, new tokens/s, and the ratio; and the decode
+steps alone, from the same runs with 1 new token (prefill + first token) subtracted:
+(t_N - t_1) / (N - 1) per step, i.e. tokens/s of the cached decode loop without the prefill.
 
     python benchmarks/generation.py [--batches 1 4] [--new-tokens 32] [--repeats 3]
 """
@@ -47,12 +49,12 @@ def main() -> None:
     rows = []
     for batch in args.batches:
         arrays = make_inputs(model.config, batch)
-        ours = lambda: model.generate(arrays, n, eos_token_ids=()).tokens  # noqa: E731
+        ours = lambda k=n: model.generate(arrays, k, eos_token_ids=()).tokens  # noqa: E731
         t_in = {k: torch.from_numpy(v) for k, v in arrays.items()}
 
-        def theirs():
+        def theirs(k=n):
             with torch.no_grad():
-                out = hf.generate(**t_in, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                out = hf.generate(**t_in, max_new_tokens=k, min_new_tokens=k, do_sample=False,
                                   pad_token_id=0, eos_token_id=None)
             return out[:, arrays["input_ids"].shape[1]:].numpy()
 
@@ -61,12 +63,20 @@ def main() -> None:
             raise SystemExit(f"batch {batch}: vlm_jax and transformers generated different tokens")
         t_ours = timed(lambda: np.asarray(ours()), args.repeats)["median"]
         t_hf = timed(theirs, args.repeats)["median"]
+        t1_ours = timed(lambda: np.asarray(ours(1)), args.repeats)["median"]
+        t1_hf = timed(lambda: theirs(1), args.repeats)["median"]
+        step_ours, step_hf = (t_ours - t1_ours) / (n - 1), (t_hf - t1_hf) / (n - 1)
         row = {"batch": batch, "new_tokens": n, "vlm_jax_s": t_ours, "transformers_s": t_hf,
                "vlm_jax_tok_s": batch * n / t_ours, "transformers_tok_s": batch * n / t_hf,
-               "speedup": t_hf / t_ours}
+               "speedup": t_hf / t_ours, "vlm_jax_first_token_s": t1_ours, "transformers_first_token_s": t1_hf,
+               "vlm_jax_decode_step_s": step_ours, "transformers_decode_step_s": step_hf,
+               "decode_speedup": step_hf / step_ours}
         rows.append(row)
         print(f"batch {batch}: vlm_jax {t_ours:.3f}s ({row['vlm_jax_tok_s']:.1f} tok/s)  transformers "
               f"{t_hf:.3f}s ({row['transformers_tok_s']:.1f} tok/s)  -> {row['speedup']:.2f}x  [tokens equal]")
+        print(f"  prefill + first token: vlm_jax {t1_ours:.3f}s, transformers {t1_hf:.3f}s; decode step: vlm_jax "
+              f"{1e3 * step_ours:.1f} ms ({batch / step_ours:.0f} tok/s), transformers {1e3 * step_hf:.1f} ms "
+              f"({batch / step_hf:.0f} tok/s) -> {step_hf / step_ours:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "rows": rows}, f, indent=2)

@@ -48,6 +48,11 @@ GROUPS = {"single": 0.7, "pair": 0.2, "text": 0.1}
 # the right object of two; stage 2 tilts the mixture towards those questions at a lower lr.
 FOCUS_SINGLE = {"name": 4.0, "color": 6.0, "caption": 2.0}
 FOCUS_GROUPS = {"single": 0.85, "pair": 0.1, "text": 0.05}
+# Stage 3 (--init STAGE2 --binding): the toy still answers a colour question about one of two
+# shapes at ~0.53 (the colour of either object); stage 3 asks mostly about one of two shapes
+# (colour, position, captions that pair each colour with its shape).
+BINDING_SINGLE = {"name": 2.0, "color": 2.0, "color_of_two": 6.0, "caption": 3.0, "position": 2.0}
+BINDING_GROUPS = {"single": 0.9, "pair": 0.07, "text": 0.03}
 # The first steps show single images only (short sequences, every answer about the image), so
 # the vision tower learns the shapes before the mixture's two-image and text-only batches.
 SINGLE_ONLY_FRACTION = 0.4
@@ -64,13 +69,24 @@ def vocabulary(seed: int = 123) -> list[str]:
     return sorted(words)
 
 
-def batch_fn(batch_size: int, seed: int, single_only_steps: int = 0, focus: bool = False):
-    singles = [g for g, _ in SINGLE]
-    focus_weights = {questions.name_question: FOCUS_SINGLE["name"], questions.color_question: FOCUS_SINGLE["color"],
-                     questions.caption: FOCUS_SINGLE["caption"]}
-    weights = np.array([focus_weights.get(g, w) if focus else w for g, w in SINGLE], float)
+def color_of_two(rng, image_size):
+    return questions.color_question(rng, image_size, two_shapes=True)
+
+
+def batch_fn(batch_size: int, seed: int, single_only_steps: int = 0, focus: bool = False, binding: bool = False):
+    mixture = list(SINGLE) + ([(color_of_two, 0.0)] if binding else [])
+    singles = [g for g, _ in mixture]
+    if binding:
+        stage = {questions.name_question: "name", questions.color_question: "color", color_of_two: "color_of_two",
+                 questions.caption: "caption", questions.position_question: "position"}
+        weights = np.array([BINDING_SINGLE[stage[g]] if g in stage else min(w, 0.5) for g, w in mixture], float)
+        groups = BINDING_GROUPS
+    else:
+        focus_weights = {questions.name_question: FOCUS_SINGLE["name"],
+                         questions.color_question: FOCUS_SINGLE["color"], questions.caption: FOCUS_SINGLE["caption"]}
+        weights = np.array([focus_weights.get(g, w) if focus else w for g, w in mixture], float)
+        groups = FOCUS_GROUPS if focus else GROUPS
     weights /= weights.sum()
-    groups = FOCUS_GROUPS if focus else GROUPS
 
     def batch(step: int) -> list[dict]:
         rng = np.random.default_rng([seed, step])
@@ -92,18 +108,23 @@ def batch_fn(batch_size: int, seed: int, single_only_steps: int = 0, focus: bool
 
 
 def evaluate(model, n: int = 200, seed: int = 999) -> dict:
-    """Held-out greedy accuracy on name and colour questions (the answer word generated)."""
+    """Held-out greedy accuracy on name and colour questions (the answer word generated); colour
+    also split into questions about a lone shape and about one of two."""
     rng = np.random.default_rng(seed)
     scores = {}
     for kind, make in (("name", questions.name_question), ("color", questions.color_question)):
         items = [make(rng, IMAGE_SIZE) for _ in range(n)]
-        correct = 0
+        correct = []
         for start in range(0, n, 50):
             chunk = items[start:start + 50]
             batch = model.prepare([it["prompt"] for it in chunk], images=[im for it in chunk for im in it["images"]])
             texts = model.generate(batch, 4).texts
-            correct += sum(it["label"] in text.split() for it, text in zip(chunk, texts))
-        scores[kind] = correct / n
+            correct += [it["label"] in text.split() for it, text in zip(chunk, texts)]
+        scores[kind] = float(np.mean(correct))
+        if kind == "color":
+            lone = np.array([len(it["entities"]) == 1 for it in items])
+            scores["color_lone_shape"] = float(np.mean(np.array(correct)[lone]))
+            scores["color_one_of_two"] = float(np.mean(np.array(correct)[~lone]))
     return scores
 
 
@@ -130,6 +151,7 @@ def main() -> None:
                         "checkpoints/.toy-training, or .toy-training-stage2 with --init")
     parser.add_argument("--init", help="start from this toy (stage 2) instead of random weights")
     parser.add_argument("--focus", action="store_true", help="stage 2's mixture (name / colour / captions)")
+    parser.add_argument("--binding", action="store_true", help="stage 3's mixture (questions about one of two shapes)")
     args = parser.parse_args()
     args.workdir = args.workdir or ("checkpoints/.toy-training-stage2" if args.init else "checkpoints/.toy-training")
 
@@ -150,7 +172,7 @@ def main() -> None:
     model = vj.load(init_dir, dtype="float32", progress=False)
     print(model)
     single_only_steps = 0 if args.init else int(SINGLE_ONLY_FRACTION * args.steps)
-    batches = batch_fn(args.batch_size, args.seed, single_only_steps, focus=args.focus)
+    batches = batch_fn(args.batch_size, args.seed, single_only_steps, focus=args.focus, binding=args.binding)
     train = TrainConfig(model=init_dir, train_data=None, batch_fn=batches,
                         output_dir=os.path.join(args.workdir, "run"), param_dtype="float32",
                         learning_rate=args.lr, betas=(0.9, 0.98), weight_decay=0.01, warmup_ratio=0.05,
@@ -166,7 +188,7 @@ def main() -> None:
     card = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr,
             "train_minutes": round(minutes, 1), "final_loss": result.losses[args.steps],
             "held_out_accuracy": scores, "parameters": trained.num_params,
-            "init": "previous_stage" if args.init else "random", "focus": args.focus,
+            "init": "previous_stage" if args.init else "random", "focus": args.focus, "binding": args.binding,
             "command": "python " + " ".join(sys.argv),
             "script": "experiments/toy/train_toy.py", "teaching_names": TEACHING_NAMES}
     if previous is not None:

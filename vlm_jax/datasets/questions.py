@@ -66,8 +66,10 @@ def name_question(rng, image_size=64):
             "label": kind, "entities": [entity], "boxes": [box], "masks": [mask]}
 
 
-def color_question(rng, image_size=64):
-    if rng.random() < 0.5:  # one shape: no name needed
+def color_question(rng, image_size=64, two_shapes: bool | None = None):
+    """"what color is the <shape> ?" about a lone shape or one of two (chosen at random unless
+    two_shapes says which)."""
+    if (rng.random() < 0.5) if two_shapes is None else not two_shapes:  # one shape: no name needed
         kind = str(rng.choice(NAMED_SHAPES))
         img, entity, box, mask = single_shape(rng, kind, image_size)
         return {"prompt": chat("what color is the shape ?"), "images": [img], "answer": f" {entity.color}",

@@ -78,7 +78,8 @@ def scan_layers(
     n_layers: int | None = None,
     remat: bool = False,
 ):
-    """Applies `layer_fn(params_i, h, per_layer_i, i) -> (h, report)` for i < n_layers.
+    """Applies `layer_fn(params_i, h, per_layer_i, i) -> (h, report)` for i < n_layers; h is the
+    scan carry (an array, or a pytree such as (hidden states, key/value cache)).
 
     stacked_params and per_layer have a leading layer axis; only the first `n_layers`
     entries are used (a vision tower stops at the feature layer). Returns the final h and

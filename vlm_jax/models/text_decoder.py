@@ -73,7 +73,9 @@ def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, ca
            attn_edit_free: bool, prefill: bool = False):
     groups = cfg.num_heads // cfg.num_kv_heads
 
-    def layer(p: dict, h: jax.Array, per_layer: dict, index):
+    def layer(p: dict, carry, per_layer: dict, index):
+        # with a cache the scan carries (h, cache): each layer writes its slots in place
+        h, cache = carry if isinstance(carry, tuple) else (carry, None)
         site_ops, attn_ops = rebuild_edits(per_layer["edits"])
         sites = Sites(wanted, site_ops, attn_ops, prefix="text.")
         h = sites("resid_pre", constrain(h, ("batch", "length", "act_embed")))
@@ -83,14 +85,13 @@ def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, ca
         k = sites("k", apply_rope(_heads(project_heads(x, attn_p["k_proj"]), "act_kv_heads"), cos, sin))
         v = sites("v", _heads(project_heads(x, attn_p["v_proj"]), "act_kv_heads"))
         report = sites.report
-        blocked = "k_cache" not in per_layer or prefill
-        if "k_cache" in per_layer:  # write the new keys/values into this layer's cache
-            at = (0, cache_index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(per_layer["k_cache"], k.astype(per_layer["k_cache"].dtype), at)
-            v_all = jax.lax.dynamic_update_slice(per_layer["v_cache"], v.astype(per_layer["v_cache"].dtype), at)
-            report["k_cache"], report["v_cache"] = k_all, v_all
+        blocked = cache is None or prefill
+        if cache is not None:  # write the new keys/values into this layer's slots of the cache
+            at = (index, 0, cache_index, 0, 0)
+            cache = {name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype), at)
+                     for name, new in (("k", k), ("v", v))}
             if not prefill:  # a prefill attends to its own keys only: the later slots are still empty
-                k, v = k_all, v_all
+                k, v = (jax.lax.dynamic_index_in_dim(cache[name], index, keepdims=False) for name in ("k", "v"))
         bias = biases[per_layer["mask_kind"]] if biases.shape[0] > 1 else biases[0]
         want_pattern = "attn_pattern" in wanted
         out, pattern = attention(
@@ -103,7 +104,7 @@ def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, ca
         h = sites("resid_mid", h + attn_out)
         x = rms_norm(h, p["post_attention_layernorm"], cfg.rms_norm_eps)
         h = sites("resid_post", h + sites("mlp_out", gated_mlp(x, p["mlp"], cfg.hidden_act)))
-        return h, report
+        return (h if cache is None else (h, cache)), report
 
     return layer
 
@@ -165,18 +166,22 @@ def forward(
         "mask_kind": jnp.asarray([kinds.index(w) for w in cfg.sliding_windows], jnp.int32),
         "edits": edit_xs,
     }
-    if cache is not None:
-        per_layer["k_cache"], per_layer["v_cache"] = cache["k"], cache["v"]
     stacked = params["layers"]
     if layer_range is not None:
+        if cache is not None:
+            raise ValueError("layer_range runs a slice of the layers and cannot update a key/value cache; pass "
+                             "cache=None (sweeps run cache-free forwards).")
         start, end = layer_range
         stacked, per_layer = jax.tree.map(lambda a: a[start:end], (stacked, per_layer))
     layer = _layer(cfg, frozenset(capture), fused, biases, cos, sin, cache_index, rebuild_edits, not attention_ops,
                    prefill)
-    h, report = scan_layers(layer, embeds, stacked, per_layer, remat=remat)
-    new_cache = None
-    if cache is not None:
-        new_cache = {"k": report.pop("k_cache"), "v": report.pop("v_cache")}
+    if cache is None:
+        h, report = scan_layers(layer, embeds, stacked, per_layer, remat=remat)
+        return h, report, None
+    # The cache rides in the scan carry, not in xs/ys: layer i updates its slots in place, where
+    # slicing it in as xs and stacking it back as ys would copy the whole cache on every step.
+    (h, new_cache), report = scan_layers(layer, (embeds, {"k": cache["k"], "v": cache["v"]}), stacked, per_layer,
+                                         remat=remat)
     return h, report, new_cache
 
 
