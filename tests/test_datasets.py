@@ -87,6 +87,11 @@ def test_questions_answers_follow_the_scene():
         assert ex["label"] == questions.NUMBER_WORDS[len(ex["entities"])]
         ex = questions.name_question(rng, 64)
         assert ex["answer"] == f" a {ex['entities'][0].kind}"
+        for two in (False, True):  # colour of a lone shape, or of the named one of two
+            ex = questions.color_question(rng, 64, two_shapes=two)
+            assert len(ex["entities"]) == (2 if two else 1)
+            asked = [e for e in ex["entities"] if not two or f"the {e.kind} ?" in ex["prompt"]]
+            assert len(asked) == 1 and ex["label"] == asked[0].color
     mix = questions.training_mixture(rng, 60)
     named = [e for ex in mix for e in ex.get("entities", []) if ex["type"] != "count"]
     assert all(e.kind != "squiggle" for e in named)  # squiggles are never named in training
