@@ -87,11 +87,15 @@ def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, ca
         report = sites.report
         blocked = cache is None or prefill
         if cache is not None:  # write the new keys/values into this layer's slots of the cache
-            at = (index, 0, cache_index, 0, 0)
-            cache = {name: jax.lax.dynamic_update_slice(cache[name], new[None].astype(cache[name].dtype), at)
-                     for name, new in (("k", k), ("v", v))}
+            # heads-major [L, B, K, S, E]: the layout attention computes in, so reading the cache
+            # back costs no transpose (XLA cancels the two below)
+            at = (index, 0, 0, cache_index, 0)
+            cache = {name: jax.lax.dynamic_update_slice(
+                cache[name], new.transpose(0, 2, 1, 3)[None].astype(cache[name].dtype), at)
+                for name, new in (("k", k), ("v", v))}
             if not prefill:  # a prefill attends to its own keys only: the later slots are still empty
-                k, v = (jax.lax.dynamic_index_in_dim(cache[name], index, keepdims=False) for name in ("k", "v"))
+                k, v = (jax.lax.dynamic_index_in_dim(cache[name], index, keepdims=False).transpose(0, 2, 1, 3)
+                        for name in ("k", "v"))
         bias = biases[per_layer["mask_kind"]] if biases.shape[0] > 1 else biases[0]
         want_pattern = "attn_pattern" in wanted
         out, pattern = attention(
@@ -132,7 +136,7 @@ def forward(
       positions: [B, T] rotary position ids.
       key_valid: [B, S] False at padding; S = T without a cache, else the cache length.
       capture: per-layer sites (LAYER_SITES) to return stacked [L, ...].
-      cache: {'k', 'v': [L, B, S, K, E]} or None.
+      cache: {'k', 'v': [L, B, K, S, E]} (init_cache) or None.
       cache_index: slot of the first of the T tokens in the cache.
       site_ops, attention_ops: this tower's edits (vlm_jax.interp.edits).
       layer_range: run only layers start..end-1 (embeds is then layer start's input); used by
@@ -199,5 +203,6 @@ def unembed(params: dict, lm_head: dict | None, h: jax.Array) -> jax.Array:
 
 
 def init_cache(cfg: TextConfig, batch: int, length: int, dtype) -> dict:
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    """An empty key/value cache {'k', 'v': [L, B, K, S, E]} of `length` slots."""
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
