@@ -34,6 +34,19 @@ def test_greedy_generation_matches_transformers(hf_checkpoints, case):
     np.testing.assert_array_equal(ours.tokens, ref)
 
 
+def test_short_generations_are_prefixes_of_long_ones(hf_checkpoints):
+    """0, 1 and 2 new tokens (the last token is emitted after the decode loop, which runs
+    max_new_tokens - 1 forwards) give the first tokens of a longer run."""
+    folder, _, hf_config = hf_checkpoints("clip-llama-mha")
+    batch = hf_factory.make_batch(hf_config, hf_factory.image_size("clip-llama-mha"), padding="left")
+    model = vj.load(folder, progress=False)
+    long = model.generate(batch, 6, eos_token_ids=()).tokens
+    for n in (0, 1, 2):
+        short = model.generate(batch, n, eos_token_ids=()).tokens
+        assert short.shape == (2, n)
+        np.testing.assert_array_equal(short, long[:, :n])
+
+
 def test_eos_stops_a_row_and_pads_like_transformers(hf_checkpoints):
     folder, hf_model, hf_config = hf_checkpoints("clip-llama-mha")
     batch = hf_factory.make_batch(hf_config, hf_factory.image_size("clip-llama-mha"))

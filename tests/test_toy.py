@@ -45,9 +45,8 @@ def test_toy_checkpoint_is_small_and_documented():
     with open(os.path.join(TOY, "toy_card.json")) as f:
         card = json.load(f)
     assert card["script"] == "experiments/toy/train_toy.py" and "seed" in card and "command" in card
-    # Colour is below issue 5's 0.9 bar (two-shape questions: the toy does not yet bind "the
-    # <shape>" to the right one of two objects); the card says so with its measured number.
-    assert card["held_out_accuracy"]["name"] >= 0.9 and 0.5 <= card["held_out_accuracy"]["color"] < 1
+    scores = card["held_out_accuracy"]  # 200 held-out questions each, measured at the end of training
+    assert scores["name"] >= 0.9 and scores["color"] >= 0.9, scores
 
 
 def test_toy_fp32_parity_through_the_processor(toy):
@@ -92,11 +91,13 @@ def _accuracy(model, items) -> float:
     return float(np.mean([it["label"] in t.split() for it, t in zip(items, texts)]))
 
 
-def test_toy_answers_held_out_name_and_lone_shape_colour_questions(toy):
+def test_toy_answers_held_out_name_and_colour_questions(toy):
     model = toy[0]
     rng = np.random.default_rng(2026)  # not the training stream (seeded by step) nor the card's eval seed
-    names = [questions.name_question(rng) for _ in range(48)]
-    colours = [it for it in (questions.color_question(rng) for _ in range(96)) if len(it["entities"]) == 1][:48]
+    names = [questions.name_question(rng) for _ in range(64)]
+    colours = [questions.color_question(rng) for _ in range(96)]  # half about a lone shape, half one of two
     assert _accuracy(model, names) >= 0.9
-    assert _accuracy(model, colours) >= 0.9
+    assert _accuracy(model, colours) >= 0.85  # the card's 200-question measurement is >= 0.9
+    one_of_two = [it for it in colours if len(it["entities"]) == 2]
+    assert _accuracy(model, one_of_two) >= 0.7  # binds "the <shape>" to the right one of two objects
 

@@ -69,15 +69,21 @@ def _generate(params, config: LlavaConfig, input_ids, attention_mask, pixel_valu
     token = choose_token(out.logits[:, -1], sampling, sub)
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
+    def emit(tokens, token, done, step):
+        """Writes `token` as new token `step` (pad after a row's EOS); returns (tokens, the token
+        written, done)."""
+        token = jnp.where(done, pad_id, token)
+        return tokens.at[:, step].set(token), token, done | jnp.isin(token, eos)
+
+    # Each step emits the token in hand and runs the forward for the next one; the last token is
+    # emitted after the loop, so no forward runs for a token that would never be used.
     def cond(state):
         step, _, _, _, _, done, _, _ = state
-        return (step < max_new_tokens) & ~jnp.all(done)
+        return (step < max_new_tokens - 1) & ~jnp.all(done)
 
     def body(state):
         step, tokens, token, cache, key_valid, done, position, rng = state
-        token = jnp.where(done, pad_id, token)
-        tokens = tokens.at[:, step].set(token)
-        done = done | jnp.isin(token, eos)
+        tokens, token, done = emit(tokens, token, done, step)
         slot = prompt_len + step
         key_valid = key_valid.at[:, slot].set(True)
         position = position + 1
@@ -91,7 +97,8 @@ def _generate(params, config: LlavaConfig, input_ids, attention_mask, pixel_valu
     tokens = jnp.full((batch, new_slots), pad_id, jnp.int32)
     state = (jnp.int32(0), tokens, token, out.cache, key_valid, jnp.zeros((batch,), bool),
              positions[:, -1], rng)
-    step, tokens, *_ = jax.lax.while_loop(cond, body, state)
+    step, tokens, token, _, _, done, _, _ = jax.lax.while_loop(cond, body, state)
+    tokens, _, _ = emit(tokens, token, done, step)  # the last token (a pad once every row has stopped)
     return tokens, step
 
 
@@ -137,6 +144,10 @@ def generate(
     pixel_values [N, C, H, W] or absent.
     """
     ids = np.asarray(inputs["input_ids"], np.int32)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
+    if max_new_tokens == 0:
+        return np.zeros((ids.shape[0], 0), np.int32)
     mask = np.asarray(inputs.get("attention_mask", np.ones_like(ids)), np.int32)
     ids, mask = left_align(ids, mask, pad_token_id)
     width = round_up(ids.shape[1], prompt_bucket)

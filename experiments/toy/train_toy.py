@@ -8,7 +8,14 @@ only (squiggles appear only as unnamed objects to count). Deterministic from --s
 
     python experiments/toy/train_toy.py --out checkpoints/.toy-stage1                # stage 1, ~41 min
     python experiments/toy/train_toy.py --init checkpoints/.toy-stage1 --focus \
-        --steps 1500 --lr 5e-4                                                       # stage 2, ~14 min
+        --steps 1500 --lr 5e-4 --out checkpoints/.toy-stage2                         # stage 2, ~14 min
+    python experiments/toy/train_toy.py --init checkpoints/.toy-stage2 --binding \
+        --steps 2000 --lr 5e-4 --out checkpoints/.toy-stage3                         # stage 3, ~20 min
+    python experiments/toy/train_toy.py --init checkpoints/.toy-stage3 --binding \
+        --steps 1500 --lr 3e-4                                                       # stage 4, ~15 min
+
+Each stage writes its card (toy_card.json, with the previous stages' cards nested in it) and
+keeps its resumable orbax checkpoints in its own work folder (default: next to --out).
 """
 
 from __future__ import annotations
@@ -148,12 +155,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="checkpoints/toy-llava")
     parser.add_argument("--workdir", help="orbax checkpoints (resumable) and the initial model; default "
-                        "checkpoints/.toy-training, or .toy-training-stage2 with --init")
+                        "a hidden folder next to --out (checkpoints/.toy-llava-work for the default --out)")
     parser.add_argument("--init", help="start from this toy (stage 2) instead of random weights")
     parser.add_argument("--focus", action="store_true", help="stage 2's mixture (name / colour / captions)")
     parser.add_argument("--binding", action="store_true", help="stage 3's mixture (questions about one of two shapes)")
     args = parser.parse_args()
-    args.workdir = args.workdir or ("checkpoints/.toy-training-stage2" if args.init else "checkpoints/.toy-training")
+    # one work folder per output: a stage must not resume another stage's orbax checkpoints
+    out_dir, out_name = os.path.split(os.path.normpath(args.out))
+    args.workdir = args.workdir or os.path.join(out_dir, "." + out_name.lstrip(".") + "-work")
 
     import vlm_jax as vj
     from vlm_jax.train import TrainConfig, Trainer
