@@ -96,8 +96,8 @@ def test_toy_answers_held_out_name_and_colour_questions(toy):
     rng = np.random.default_rng(2026)  # not the training stream (seeded by step) nor the card's eval seed
     names = [questions.name_question(rng) for _ in range(64)]
     colours = [questions.color_question(rng) for _ in range(96)]  # half about a lone shape, half one of two
-    assert _accuracy(model, names) >= 0.9
-    assert _accuracy(model, colours) >= 0.85  # the card's 200-question measurement is >= 0.9
+    assert _accuracy(model, names) >= 0.9  # 1.00 when written
+    assert _accuracy(model, colours) >= 0.9  # 0.94 when written
     one_of_two = [it for it in colours if len(it["entities"]) == 2]
-    assert _accuracy(model, one_of_two) >= 0.7  # binds "the <shape>" to the right one of two objects
+    assert _accuracy(model, one_of_two) >= 0.75  # binds "the <shape>" to the right one of two objects (0.86)
 

@@ -12,7 +12,10 @@ only (squiggles appear only as unnamed objects to count). Deterministic from --s
     python experiments/toy/train_toy.py --init checkpoints/.toy-stage2 --binding \
         --steps 2000 --lr 5e-4 --out checkpoints/.toy-stage3                         # stage 3, ~20 min
     python experiments/toy/train_toy.py --init checkpoints/.toy-stage3 --binding \
-        --steps 1500 --lr 3e-4                                                       # stage 4, ~15 min
+        --steps 1500 --lr 3e-4 --out checkpoints/.toy-stage4                         # stage 4, ~16 min
+    python experiments/toy/train_toy.py --init checkpoints/.toy-stage4 --binding \
+        --steps 2000 --lr 3e-4                                                       # stage 5, ~24 min
+    python experiments/toy/train_toy.py --evaluate checkpoints/toy-llava --eval-n 600 --eval-seed 4242
 
 Each stage writes its card (toy_card.json, with the previous stages' cards nested in it) and
 keeps its resumable orbax checkpoints in its own work folder (default: next to --out).
@@ -159,7 +162,15 @@ def main() -> None:
     parser.add_argument("--init", help="start from this toy (stage 2) instead of random weights")
     parser.add_argument("--focus", action="store_true", help="stage 2's mixture (name / colour / captions)")
     parser.add_argument("--binding", action="store_true", help="stage 3's mixture (questions about one of two shapes)")
+    parser.add_argument("--evaluate", metavar="TOY", help="only measure this toy's held-out accuracy and print it")
+    parser.add_argument("--eval-n", type=int, default=200, help="held-out questions per kind")
+    parser.add_argument("--eval-seed", type=int, default=999)
     args = parser.parse_args()
+    if args.evaluate:
+        import vlm_jax as vj
+
+        print(json.dumps(evaluate(vj.load(args.evaluate, progress=False), args.eval_n, args.eval_seed), indent=2))
+        return
     # one work folder per output: a stage must not resume another stage's orbax checkpoints
     out_dir, out_name = os.path.split(os.path.normpath(args.out))
     args.workdir = args.workdir or os.path.join(out_dir, "." + out_name.lstrip(".") + "-work")
