@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -9,6 +10,17 @@ import time
 from typing import Callable
 
 import numpy as np
+
+
+def workload_parser(doc: str, repeats: int) -> argparse.ArgumentParser:
+    """The options every model workload script takes: --batches, --repeats, --workdir (where
+    the benchmark model is written once) and --json."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--workdir", default="/tmp/vlm_jax_bench")
+    parser.add_argument("--json", help="also write the results here")
+    return parser
 
 
 def timed(fn: Callable, repeats: int = 5, warmup: int = 1) -> dict:

@@ -14,7 +14,6 @@ steps alone, from the same runs with 1 new token (prefill + first token) subtrac
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -22,17 +21,13 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, timed  # noqa: E402
+from common import machine, timed, workload_parser  # noqa: E402
 from interp import build_model, make_inputs  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser = workload_parser(__doc__, repeats=3)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workdir", default="/tmp/vlm_jax_bench")
-    parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
     import torch

@@ -18,7 +18,6 @@ time / floor, and vlm_jax's speed-up over transformers.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -26,7 +25,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import forward_flops, lens_flops, machine, matmul_peak, timed  # noqa: E402
+from common import forward_flops, lens_flops, machine, matmul_peak, timed, workload_parser  # noqa: E402
 
 PRESET = "llava-1.5-cpu-60m"
 
@@ -168,11 +167,7 @@ def hf_sweep(hf, t_inputs: dict, image_mask) -> list:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--workdir", default="/tmp/vlm_jax_bench")
-    parser.add_argument("--json", help="also write the results here")
+    parser = workload_parser(__doc__, repeats=5)
     args = parser.parse_args()
 
     import jax

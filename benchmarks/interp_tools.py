@@ -28,7 +28,6 @@ install disabled. Tools that are not installed, or that fail to boot, are report
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -40,7 +39,7 @@ from typing import Callable
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, timed  # noqa: E402
+from common import machine, timed, workload_parser  # noqa: E402
 from interp import (  # noqa: E402
     build_model, hf_lens, hf_sweep, jax_sweep, jax_workloads, lens_top5, make_inputs, prepare, rel_err,
     slow_repeats, sweep_edits)
@@ -452,11 +451,7 @@ def tool_versions() -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--workdir", default="/tmp/vlm_jax_bench")
-    parser.add_argument("--json", help="also write the results here")
+    parser = workload_parser(__doc__, repeats=5)
     args = parser.parse_args()
     # everything is loaded from local folders: fail at once rather than wait on a network call
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
