@@ -140,3 +140,9 @@ def test_real_data_paths_on_fixtures(tmp_path, model_path):
     assert_finite(results, "median_best_rank_per_layer", "direct_accuracy")
     results = run_study("finer", tmp_path / "d", "--cub", cub, model=model_path)
     assert_finite(results, "open_ended", "text_only_fine", "attrseek_fine")
+
+
+def test_train_toy_refuses_two_mixtures_at_once():
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "toy", "train_toy.py"), "--focus",
+                           "--binding"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "not allowed with argument --focus" in proc.stderr

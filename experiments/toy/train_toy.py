@@ -130,11 +130,12 @@ def evaluate(model, n: int = 200, seed: int = 999) -> dict:
             batch = model.prepare([it["prompt"] for it in chunk], images=[im for it in chunk for im in it["images"]])
             texts = model.generate(batch, 4).texts
             correct += [it["label"] in text.split() for it, text in zip(chunk, texts)]
+        correct = np.array(correct)
         scores[kind] = float(np.mean(correct))
         if kind == "color":
             lone = np.array([len(it["entities"]) == 1 for it in items])
-            scores["color_lone_shape"] = float(np.mean(np.array(correct)[lone]))
-            scores["color_one_of_two"] = float(np.mean(np.array(correct)[~lone]))
+            scores["color_lone_shape"] = float(np.mean(correct[lone]))
+            scores["color_one_of_two"] = float(np.mean(correct[~lone]))
     return scores
 
 
@@ -160,8 +161,10 @@ def main() -> None:
     parser.add_argument("--workdir", help="orbax checkpoints (resumable) and the initial model; default "
                         "a hidden folder next to --out (checkpoints/.toy-llava-work for the default --out)")
     parser.add_argument("--init", help="start from this toy (stage 2) instead of random weights")
-    parser.add_argument("--focus", action="store_true", help="stage 2's mixture (name / colour / captions)")
-    parser.add_argument("--binding", action="store_true", help="stage 3's mixture (questions about one of two shapes)")
+    mixture = parser.add_mutually_exclusive_group()
+    mixture.add_argument("--focus", action="store_true", help="stage 2's mixture (name / colour / captions)")
+    mixture.add_argument("--binding", action="store_true",
+                         help="stages 3-5's mixture (questions about one of two shapes)")
     parser.add_argument("--evaluate", metavar="TOY", help="only measure this toy's held-out accuracy and print it")
     parser.add_argument("--eval-n", type=int, default=200, help="held-out questions per kind")
     parser.add_argument("--eval-seed", type=int, default=999)
