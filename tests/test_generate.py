@@ -47,6 +47,24 @@ def test_short_generations_are_prefixes_of_long_ones(hf_checkpoints):
         np.testing.assert_array_equal(short, long[:, :n])
 
 
+def test_bad_generation_requests_are_refused(hf_checkpoints):
+    import jax.numpy as jnp
+
+    from vlm_jax.models import text_decoder
+
+    folder, _, hf_config = hf_checkpoints("clip-llama-mha")
+    batch = hf_factory.make_batch(hf_config, hf_factory.image_size("clip-llama-mha"), padding="left")
+    model = vj.load(folder, progress=False)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        model.generate(batch, -1)
+    cfg = model.config.text
+    embeds = jnp.zeros((1, 4, cfg.hidden_size))
+    cache = text_decoder.init_cache(cfg, 1, 8, jnp.float32)
+    with pytest.raises(ValueError, match="layer_range .* cannot update a key/value cache"):
+        text_decoder.forward(model.params["language_model"], cfg, embeds, jnp.zeros((1, 4), jnp.int32),
+                             jnp.ones((1, 8), bool), cache=cache, layer_range=(0, 1))
+
+
 def test_eos_stops_a_row_and_pads_like_transformers(hf_checkpoints):
     folder, hf_model, hf_config = hf_checkpoints("clip-llama-mha")
     batch = hf_factory.make_batch(hf_config, hf_factory.image_size("clip-llama-mha"))
