@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlm_jax.datasets.shapes import COLORS, NAMED_SHAPES, Entity, place, random_entity, render_scene, snap
+from vlm_jax.datasets.shapes import COLORS, NAMED_SHAPES, place, random_entity, render_scene, snap
 
 LETTERS = ("A", "B", "C", "D")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")

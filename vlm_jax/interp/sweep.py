@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax.config import LlavaConfig
-from vlm_jax.interp.edits import GLOBAL_EDIT_SITES, AttentionEdit, Edits, SiteEdit, for_tower
+from vlm_jax.interp.edits import GLOBAL_EDIT_SITES, Edits, SiteEdit, for_tower
 from vlm_jax.models import llava, text_decoder
 
 
