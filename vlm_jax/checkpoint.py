@@ -29,7 +29,8 @@ import numpy as np
 from vlm_jax.config import config_from_dict, config_to_dict, to_hf_config
 from vlm_jax.errors import CheckpointMismatchError, OutputExistsError
 from vlm_jax.models import llava
-from vlm_jax.weights import Layout, write_safetensors
+from vlm_jax.multihost import is_writer
+from vlm_jax.weights import Layout, hf_tensors, write_safetensors
 
 FORMAT_FILE = "vlm_jax.json"
 FORMAT_VERSION = 1
@@ -159,8 +160,13 @@ def export_hf(model, out_dir: str | os.PathLike, *, force: bool = False, dtype=N
     """Writes a transformers folder for `model` (same tensor names as its source)."""
     params = model.params
     if dtype is not None and jnp.dtype(dtype) != jnp.dtype(model.dtype):
-        params = jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)), params)
+        params = jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)) if getattr(x, "is_fully_addressable", True)
+                              else x.astype(jnp.dtype(dtype)), params)
     out = Path(out_dir).absolute()
+    if not is_writer():  # several hosts: take part in gathering every tensor; process 0 writes
+        for _ in hf_tensors(params, model.config, model.layout):
+            pass
+        return str(out)
     with atomic_output_dir(out, force) as tmp:
         write_safetensors(params, model.config, str(tmp), model.layout, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(_hf_config_for(model, dtype or model.dtype), indent=2))

@@ -10,13 +10,14 @@ transformers' generate() token for token (pad_token_id after EOS, as it does).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax.config import LlavaConfig
+from vlm_jax.multihost import to_host
 from vlm_jax.models import llava, text_decoder
 
 
@@ -137,11 +138,15 @@ def generate(
     prompt_bucket: int = 64,
     new_token_bucket: int = 64,
     fused_attention: bool = False,
+    place: Callable[[dict], dict] | None = None,
 ) -> np.ndarray:
     """New tokens [B, max_new_tokens] (pad_token_id after a row's EOS).
 
     inputs: numpy input_ids [B, T], attention_mask [B, T] (left or right padded),
-    pixel_values [N, C, H, W] or absent.
+    pixel_values [N, C, H, W] or absent (host arrays: they are realigned and padded here).
+    place: puts the padded arrays on the devices (Model.place: batch split over the mesh);
+    None leaves that to jit. The tokens come back whole on every process, also when the batch
+    is split over several hosts.
     """
     ids = np.asarray(inputs["input_ids"], np.int32)
     if max_new_tokens < 0:
@@ -154,10 +159,13 @@ def generate(
     pad = width - ids.shape[1]
     ids = np.pad(ids, ((0, 0), (pad, 0)), constant_values=pad_token_id)
     mask = np.pad(mask, ((0, 0), (pad, 0)))
-    pixel_values = inputs.get("pixel_values")
+    arrays = {"input_ids": ids, "attention_mask": mask, "pixel_values": inputs.get("pixel_values")}
+    if place is not None:
+        arrays = place(arrays)
     tokens, steps = _generate_jit(
-        params, config, ids, mask, pixel_values, jax.random.key(seed), jnp.int32(max_new_tokens),
+        params, config, arrays["input_ids"], arrays["attention_mask"], arrays["pixel_values"], jax.random.key(seed),
+        jnp.int32(max_new_tokens),
         new_slots=round_up(max_new_tokens, new_token_bucket), sampling=sampling,
         eos_ids=tuple(int(e) for e in eos_token_ids), pad_id=int(pad_token_id), fused=fused_attention,
     )
-    return np.asarray(tokens)[:, :max_new_tokens]
+    return to_host(tokens)[:, :max_new_tokens]

@@ -255,7 +255,7 @@ class Model:
             pad = eos[0] if eos else 0  # transformers falls back to eos as pad
         with self.mesh_context():
             tokens = gen.generate(
-                self.params, self.config, self.place(arrays), max_new_tokens,
+                self.params, self.config, arrays, max_new_tokens, place=self.place,
                 sampling=gen.Sampling(do_sample, temperature, top_k, top_p), eos_token_ids=eos, pad_token_id=pad,
                 seed=seed, fused_attention=default_fused_attention() if fused_attention is None else fused_attention,
             )

@@ -27,6 +27,7 @@ from vlm_jax.config import LlavaConfig
 from vlm_jax.errors import CorruptCheckpointError, WeightsMismatchError
 from vlm_jax.models import llava
 from vlm_jax.models import params as P
+from vlm_jax.multihost import to_host
 from vlm_jax.safetensors_io import TensorEntry, TensorReader, read_header
 
 # Buffers some checkpoints carry that are not parameters (transformers ignores them too).
@@ -471,7 +472,7 @@ def hf_tensors(params: dict, cfg: LlavaConfig, layout: Layout | None = None):
     for rule in rules:
         paths = tuple(path for path, _ in rule.targets)
         if set(paths) != set(on_host):
-            on_host = {path: np.asarray(jax.device_get(flat[path])) for path in paths}
+            on_host = {path: to_host(flat[path]) for path in paths}  # several hosts: gathered
         parts = tuple(on_host[path] if layer is None else on_host[path][layer] for path, layer in rule.targets)
         yield layout_name(rule.hf_key, layout), np.ascontiguousarray(rule.to_hf(parts))
 

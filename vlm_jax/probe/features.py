@@ -36,6 +36,7 @@ import numpy as np
 from vlm_jax.interp.geometry import ImageGeometry
 from vlm_jax.interp.sites import ALL_SITES, validate_capture
 from vlm_jax.models import llava
+from vlm_jax.multihost import from_writer, is_writer, to_host
 
 POOLINGS = ("image_mean", "cls", "last", "position", "region_mean", "grid")
 VISION_POOLINGS = ("image_mean", "cls", "region_mean", "grid")
@@ -243,7 +244,12 @@ def _pool_fn(config, sites: tuple[str, ...], pairs: tuple[tuple[str, str], ...])
 def extract_features(model, examples: Sequence[Mapping], out_dir: str, *, sites=("text.resid_post",),
                      pooling=("image_mean", "last"), batch_size: int = 8, dtype: str = "float32",
                      token_bucket: int = 64, progress: bool = True) -> FeatureStore:
-    """Extracts pooled features of `examples` at `sites` into `out_dir` (resumes if present)."""
+    """Extracts pooled features of `examples` at `sites` into `out_dir` (resumes if present).
+
+    On several hosts (jax.distributed) every process runs this with the same examples; the
+    batch is split over all devices, and process 0 writes the folder (on its own disk or a
+    shared one); the other processes write nothing.
+    """
     sites, pooling, pairs = _check_request(sites, pooling)
     cfg = model.config
     n = len(examples)
@@ -255,23 +261,30 @@ def extract_features(model, examples: Sequence[Mapping], out_dir: str, *, sites=
         "shapes": {f"{s}.{p}": [n, _site_layers(cfg, s), *([cfg.vision.grid_size**2] if p == "grid" else []),
                                 _site_width(cfg, s)] for s, p in pairs},
     }
-    os.makedirs(out_dir, exist_ok=True)
+    # Several hosts: process 0 alone reads and writes the folder, and tells the others what it
+    # found (a mismatched folder, how far a previous run got), so every process takes the same path.
+    writer = is_writer()
     meta_path = os.path.join(out_dir, "meta.json")
-    if os.path.exists(meta_path):
-        if store.meta != meta:
-            raise ExtractionError(
-                f"{out_dir} holds features of another extraction ({store.meta}); fix: use a new folder, or "
-                "delete it to start over")
-    else:
-        for key, shape in meta["shapes"].items():
-            np.lib.format.open_memmap(os.path.join(out_dir, f"{key}.npy"), mode="w+", dtype=dtype, shape=tuple(shape))
-        with open(meta_path + ".tmp", "w") as f:
-            json.dump(meta, f, indent=2)
-        os.replace(meta_path + ".tmp", meta_path)
-        store._write_progress(0)
-    arrays = {(s, p): store.load(s, p, mode="r+") for s, p in pairs}
+    found = None
+    if writer:
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(meta_path):
+            found = store.meta
+        else:
+            for key, shape in meta["shapes"].items():
+                np.lib.format.open_memmap(os.path.join(out_dir, f"{key}.npy"), mode="w+", dtype=dtype,
+                                          shape=tuple(shape))
+            with open(meta_path + ".tmp", "w") as f:
+                json.dump(meta, f, indent=2)
+            os.replace(meta_path + ".tmp", meta_path)
+            store._write_progress(0)
+    if from_writer(found is not None and found != meta):
+        raise ExtractionError(
+            f"{out_dir} holds features of another extraction ({found if writer else 'see process 0'}); fix: use a "
+            "new folder, or delete it to start over")
+    arrays = {(s, p): store.load(s, p, mode="r+") for s, p in pairs} if writer else {}
+    start = from_writer(store.done if writer else 0)
     pool = _pool_fn(cfg, sites, tuple(pairs))
-    start = store.done
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -288,10 +301,13 @@ def extract_features(model, examples: Sequence[Mapping], out_dir: str, *, sites=
         with model.mesh_context():  # sharded models: the batch is split over data x fsdp
             pooled = pool(model.params, model.place(model._arrays(batch)), model.place(text_w), model.place(vision_w))
         for key, value in pooled.items():
-            arrays[key][first:first + len(chunk)] = np.asarray(value)[: len(chunk)].astype(dtype)
-        for array in arrays.values():
-            array.flush()
-        store._write_progress(first + len(chunk))
+            value = to_host(value)  # every process takes part in gathering a batch split over hosts
+            if writer:
+                arrays[key][first:first + len(chunk)] = value[: len(chunk)].astype(dtype)
+        if writer:
+            for array in arrays.values():
+                array.flush()
+            store._write_progress(first + len(chunk))
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:

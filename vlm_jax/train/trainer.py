@@ -37,7 +37,7 @@ import optax
 
 from vlm_jax.errors import CheckpointMismatchError, VlmJaxError
 from vlm_jax.models import llava
-from vlm_jax.models import params as P
+from vlm_jax.multihost import is_writer
 from vlm_jax.train import subsets
 from vlm_jax.train.data import Collator, DataError, batch_indices
 from vlm_jax.train.lora import LoraConfig, add_lora, merge_lora
@@ -341,7 +341,7 @@ class Trainer:
 
             bar = tqdm(total=self.total_steps, initial=start, desc="finetuning", unit="step")
         last_saved = start if (manager is not None and manager.latest_step() is not None) else None
-        with open(log_path, "a") as log:
+        with open(log_path if is_writer() else os.devnull, "a") as log:  # several hosts: process 0 logs
             for step in range(start, self.total_steps):
                 batch = self.batch(step)
                 began = time.perf_counter()
