@@ -25,17 +25,18 @@ def batch_inputs(model) -> object:
     return model.prepare([ex["prompt"] for ex in exs], images=[ex["images"][0] for ex in exs])
 
 
-def train_config(folder: str, output_dir: str):
-    """Two full-finetuning steps of batch 8, no checkpoints."""
+def train_config(folder: str, output_dir: str, steps: int = TRAIN_STEPS, save: bool = False):
+    """Full finetuning, batch 8; with `save`, an orbax checkpoint after every step."""
     from vlm_jax.train import TrainConfig
 
     return TrainConfig(model=folder, train_data=examples(16, seed=3), output_dir=output_dir, batch_size=8,
-                       max_steps=TRAIN_STEPS, learning_rate=1e-4, warmup_ratio=0.0, save_checkpoints=False,
-                       progress=False, seed=0)
+                       max_steps=steps, learning_rate=1e-4, warmup_ratio=0.0, save_checkpoints=save,
+                       checkpoint_every=1, progress=False, seed=0)
 
 
-def run_workloads(model, workdir: str, gather) -> dict:
-    """Every multi-host workload on `model`; `gather` turns a result array into numpy."""
+def run_workloads(model, workdir: str, gather, shared_dir: str | None = None) -> dict:
+    """Every multi-host workload on `model`; `gather` turns a result array into numpy.
+    shared_dir: a folder every process passes the same (orbax checkpoints; default workdir)."""
     import os
 
     import vlm_jax as vj
@@ -55,6 +56,11 @@ def run_workloads(model, workdir: str, gather) -> dict:
     store = extract_features(model, examples(8), os.path.join(workdir, "features"), **FEATURES)
     results["features_last"] = np.asarray(store.load("text.resid_post", "last")) if os.path.exists(
         store.path("text.resid_post", "last")) else np.zeros(0)
-    trained = Trainer(train_config(model.source, os.path.join(workdir, "train")), model=model).run()
+    # two steps with a checkpoint after each, then a longer run resumes from the last one (step 2)
+    saved_dir = os.path.join(shared_dir or workdir, "checkpointed")
+    trained = Trainer(train_config(model.source, saved_dir, save=True), model=model).run()
     results["losses"] = np.asarray([trained.losses[step] for step in sorted(trained.losses)])
+    resumed = Trainer(train_config(model.source, saved_dir, steps=TRAIN_STEPS + 1, save=True), model=model).run()
+    results["resumed_losses"] = np.asarray([resumed.losses[step] for step in sorted(resumed.losses)])
+    results["resumed_steps"] = np.asarray(sorted(resumed.losses))
     return results

@@ -41,7 +41,8 @@ def main(process_id: int, port: int, folder: str, workdir: str) -> None:
     local = {d.id for d in jax.local_devices()}
     params = flatten(model.params).values()
     held = [{s.device.id for s in a.addressable_shards} for a in params]
-    results = run_workloads(model, os.path.join(workdir, f"process-{process_id}"), to_host)
+    results = run_workloads(model, os.path.join(workdir, f"process-{process_id}"), to_host,
+                            shared_dir=os.path.join(workdir, "shared"))
     results["owns_only_local"] = np.asarray(all(ids == local for ids in held))
     results["split"] = np.asarray(sum(a.addressable_shards[0].data.shape != a.shape for a in params))
     results["n_params"] = np.asarray(len(held))

@@ -2,13 +2,14 @@
 4 host devices each, one 8-device (data=2, fsdp=2, tensor=2) mesh across both.
 
 The workers (tests/multihost_worker.py) load the checkpoint straight into their own shards, run
-forward + capture, the logit lens, generation, feature extraction, two finetuning steps and an
-HF export; this test runs the same workloads (tests/multihost_inputs.py) in one process,
-unsharded, and compares.
+forward + capture, the logit lens, generation, feature extraction, two finetuning steps with
+checkpoints and a resumed third, and an HF export; this test runs the same workloads
+(tests/multihost_inputs.py) in one process, unsharded, and compares.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -94,8 +95,17 @@ def test_finetuning_steps_across_hosts_equal_one_process(runs):
     single, hosts, workdir, _ = runs
     for host in hosts:
         np.testing.assert_allclose(host["losses"], single["losses"], rtol=TOL)
-    assert os.path.getsize(workdir / "process-0" / "train" / "metrics.jsonl") > 0
-    assert not os.path.exists(workdir / "process-1" / "train" / "metrics.jsonl")
+    with open(workdir / "shared" / "checkpointed" / "metrics.jsonl") as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == [1, 2, 3]  # logged once, by process 0 (both processes share the folder)
+
+
+def test_checkpoints_written_by_two_hosts_resume_exactly(runs):
+    single, hosts, workdir, _ = runs
+    for host in hosts:
+        np.testing.assert_array_equal(host["resumed_steps"], [3])  # only the step after the checkpoint ran
+        np.testing.assert_allclose(host["resumed_losses"], single["resumed_losses"], rtol=TOL)
+    assert sorted(os.listdir(workdir / "shared" / "checkpointed" / "checkpoints")) == ["1", "2", "3"]
 
 
 def test_export_from_shards_on_two_hosts_is_the_original_checkpoint(runs):
