@@ -3,8 +3,9 @@
 Synthetic features with a class signal that grows over layers (8 classes); 3000 examples
 train, 1000 held out. vlm_jax fits every layer in one compiled call (fit_logistic with the
 L2 strength that matches scikit-learn's C=1); scikit-learn fits 33 LogisticRegression(C=1)
-models (lbfgs, tol 1e-4, each with its StandardScaler). Same machine, same run; the held-out
-accuracies are compared layer by layer before the times are reported.
+models (lbfgs, tol 1e-4, each with its StandardScaler). Same machine, same run, the repeats of
+the two alternating; the held-out accuracies are compared layer by layer before the times are
+reported.
 
     python benchmarks/probes.py [--repeats 3]
 """
@@ -65,13 +66,12 @@ def main() -> None:
     start = time.perf_counter()
     probe = ours()
     first = time.perf_counter() - start
-    t_ours = []
+    # the two alternate, so that both see the same drift of this shared machine's speed
+    t_ours, t_sk = [], []
     for _ in range(args.repeats):
         start = time.perf_counter()
         probe = ours()
         t_ours.append(time.perf_counter() - start)
-    t_sk = []
-    for _ in range(args.repeats):
         start = time.perf_counter()
         models = sklearn()
         t_sk.append(time.perf_counter() - start)
