@@ -56,6 +56,19 @@ def test_hf_round_trip_is_bitwise_and_loads_in_transformers(hf_checkpoints, tmp_
     assert hf_factory.rel_err(transformers_logits(out, batch), ref, valid) == 0.0
 
 
+def test_export_in_another_dtype_casts_every_tensor(hf_checkpoints, tmp_path):
+    import json
+
+    import ml_dtypes
+
+    folder, _, _ = hf_checkpoints("clip-llama-mha")
+    out = vj.load(folder, progress=False).export_hf(tmp_path / "bf16", dtype="bfloat16")
+    expected = {key: value.astype(ml_dtypes.bfloat16) for key, value in read_all(folder).items()}
+    assert_bitwise_equal(expected, read_all(out))
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["dtype"] == "bfloat16"
+
+
 def test_converted_checkpoint_round_trip(hf_checkpoints, tmp_path):
     folder, hf_model, hf_config = hf_checkpoints("siglip-mistral-sliding-full-nobias")
     converted = vj.load(folder, progress=False).save(tmp_path / "converted")

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vlm_jax.config import config_from_dict, config_to_dict, to_hf_config
 from vlm_jax.errors import CheckpointMismatchError, OutputExistsError
@@ -158,17 +157,14 @@ def load_converted(folder: str | os.PathLike, dtype=None, *, shardings=None):
 def export_hf(model, out_dir: str | os.PathLike, *, force: bool = False, dtype=None,
               max_shard_bytes: int = 5 * 1024**3) -> str:
     """Writes a transformers folder for `model` (same tensor names as its source)."""
-    params = model.params
-    if dtype is not None and jnp.dtype(dtype) != jnp.dtype(model.dtype):
-        params = jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)) if getattr(x, "is_fully_addressable", True)
-                              else x.astype(jnp.dtype(dtype)), params)
+    target = jnp.dtype(dtype) if dtype is not None else None  # each tensor is cast on the host as it is written
     out = Path(out_dir).absolute()
     if not is_writer():  # several hosts: take part in gathering every tensor; process 0 writes
-        for _ in hf_tensors(params, model.config, model.layout):
+        for _ in hf_tensors(model.params, model.config, model.layout, target):
             pass
         return str(out)
     with atomic_output_dir(out, force) as tmp:
-        write_safetensors(params, model.config, str(tmp), model.layout, max_shard_bytes)
+        write_safetensors(model.params, model.config, str(tmp), model.layout, max_shard_bytes, target)
         (tmp / "config.json").write_text(json.dumps(_hf_config_for(model, dtype or model.dtype), indent=2))
         _save_processor(model, tmp)
     return str(out)

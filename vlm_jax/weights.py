@@ -459,11 +459,11 @@ def _assemble_sharded(reader, index, sources, shape, dtype, sharding) -> jax.Arr
 # export
 
 
-def hf_tensors(params: dict, cfg: LlavaConfig, layout: Layout | None = None):
+def hf_tensors(params: dict, cfg: LlavaConfig, layout: Layout | None = None, dtype=None):
     """Yields (HF name, numpy array) for every tensor of the HF checkpoint, one at a time.
 
     Tensors are produced grouped by parameter, so only one stacked parameter (all its
-    layers) is copied to the host at a time.
+    layers) is copied to the host at a time, and cast there to `dtype` (None: as stored).
     """
     layout = layout or Layout.default(cfg)
     flat = P.flatten(params)
@@ -473,15 +473,18 @@ def hf_tensors(params: dict, cfg: LlavaConfig, layout: Layout | None = None):
         paths = tuple(path for path, _ in rule.targets)
         if set(paths) != set(on_host):
             on_host = {path: to_host(flat[path]) for path in paths}  # several hosts: gathered
+            if dtype is not None:
+                on_host = {path: array.astype(dtype, copy=False) for path, array in on_host.items()}
         parts = tuple(on_host[path] if layer is None else on_host[path][layer] for path, layer in rule.targets)
         yield layout_name(rule.hf_key, layout), np.ascontiguousarray(rule.to_hf(parts))
 
 
 def write_safetensors(params: dict, cfg: LlavaConfig, folder: str, layout: Layout | None = None,
-                      max_shard_bytes: int = 5 * 1024**3) -> list[str]:
+                      max_shard_bytes: int = 5 * 1024**3, dtype=None) -> list[str]:
     """Writes model.safetensors, or shards plus model.safetensors.index.json, into `folder`.
 
-    Each shard is assembled from at most `max_shard_bytes` of tensors, written, and freed.
+    Each shard is assembled from at most `max_shard_bytes` of tensors (cast to `dtype` if
+    given), written, and freed.
     """
     from safetensors.numpy import save_file
 
@@ -493,7 +496,7 @@ def write_safetensors(params: dict, cfg: LlavaConfig, folder: str, layout: Layou
         save_file(shard, os.path.join(folder, f".part-{len(parts)}.safetensors"), metadata={"format": "pt"})
         parts.append(list(shard))
 
-    for name, array in hf_tensors(params, cfg, layout):
+    for name, array in hf_tensors(params, cfg, layout, dtype):
         if shard and shard_bytes + array.nbytes > max_shard_bytes:
             flush()
             shard, shard_bytes = {}, 0
