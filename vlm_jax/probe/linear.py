@@ -152,7 +152,7 @@ def _transposed_layer(X, layer, row_blocks: int = 8):
     one transposed copy of all layers up front costs a fresh buffer the size of X, whose page
     faults alone cost ~5 ms per layer. The barriers keep XLA from folding the transposes back
     into the dots. Against the earlier X + X^T fit, the fixed cost of a 33-layer call went from
-    0.43 s to 0.33 s (an alternating A/B run; benchmarks/RESULTS.md).
+    0.43 s to 0.33 s (measured while developing; see benchmarks/RESULTS.md).
     """
     n, d = X.shape[1], X.shape[2]
     size = -(-n // row_blocks)
