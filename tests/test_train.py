@@ -103,6 +103,9 @@ def test_soft_prompt_training_changes_only_the_prefix(model, random_llava, tmp_p
     assert params["soft_prompt"]["embedding"].shape == (3, model.config.text.hidden_size)
     assert not np.array_equal(np.asarray(params["soft_prompt"]["embedding"]), start)
     assert result.losses[8] < result.losses[1]
+    exported = trainer.export(str(tmp_path / "exported"))  # the prefix is saved beside the HF folder
+    np.testing.assert_array_equal(np.load(os.path.join(exported, "soft_prompt.npy")),
+                                  np.asarray(params["soft_prompt"]["embedding"], np.float32))
 
 
 def test_grad_accumulation_matches_one_big_batch(model, random_llava, tmp_path):

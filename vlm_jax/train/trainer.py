@@ -37,7 +37,7 @@ import optax
 
 from vlm_jax.errors import CheckpointMismatchError, VlmJaxError
 from vlm_jax.models import llava
-from vlm_jax.multihost import is_writer
+from vlm_jax.multihost import is_writer, to_host
 from vlm_jax.train import subsets
 from vlm_jax.train.data import Collator, DataError, batch_indices
 from vlm_jax.train.lora import LoraConfig, add_lora, merge_lora
@@ -392,9 +392,11 @@ class Trainer:
         model = Model(params, self.model.config, processor=self.model.processor, hf_config=self.model.hf_config,
                       layout=self.model.layout, source=self.model.source)
         path = model.export_hf(out_dir, force=force)
-        if "soft_prompt" in self.params(state):
-            np.save(os.path.join(path, "soft_prompt.npy"), np.asarray(self.params(state)["soft_prompt"]["embedding"],
-                                                                     np.float32))
+        soft_prompt = self.params(state).get("soft_prompt")
+        if soft_prompt is not None:
+            embedding = to_host(soft_prompt["embedding"]).astype(np.float32)  # every process: may be a gather
+            if is_writer():  # several hosts: only process 0 wrote the folder
+                np.save(os.path.join(path, "soft_prompt.npy"), embedding)
         return path
 
 
