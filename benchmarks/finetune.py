@@ -95,7 +95,6 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/vlm_jax_bench")
     args = parser.parse_args()
 
-    import jax
     import torch
     from transformers import LlavaForConditionalGeneration
 

@@ -164,8 +164,8 @@ def main(workdir: str) -> None:
     exs = examples(12)
     kw = dict(sites=("text.resid_post", "vision.resid_post"), pooling=("image_mean", "last"), batch_size=4,
               progress=False)
-    fa = extract_features(base, exs, os.path.join(workdir, "feat-single"), **kw)
-    fb = extract_features(model, exs, os.path.join(workdir, "feat-sharded"), **kw)
+    extract_features(base, exs, os.path.join(workdir, "feat-single"), **kw)
+    extract_features(model, exs, os.path.join(workdir, "feat-sharded"), **kw)
     stored = sorted(f for f in os.listdir(os.path.join(workdir, "feat-single")) if f.endswith(".npy"))
     report["features_files"] = len(stored)
     report["features_diff"] = max(

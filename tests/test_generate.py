@@ -34,6 +34,56 @@ def test_greedy_generation_matches_transformers(hf_checkpoints, case):
     np.testing.assert_array_equal(ours.tokens, ref)
 
 
+def test_greedy_generation_of_a_single_row_matches_transformers(hf_checkpoints):
+    """Batch 1 compiles differently on CPU (XLA drops the size-1 axis), so it is checked on its own."""
+    folder, hf_model, hf_config = hf_checkpoints("clip-llama-mha")
+    pair = hf_factory.make_batch(hf_config, hf_factory.image_size("clip-llama-mha"), padding="left")
+    real = pair["attention_mask"][1] > 0  # row 1 shows the third image
+    row = {"input_ids": pair["input_ids"][1:2, real], "attention_mask": pair["attention_mask"][1:2, real],
+           "pixel_values": pair["pixel_values"][2:3]}
+    ref = hf_generate(hf_model, row, 12, eos_token_id=None, min_new_tokens=12)
+    ours = vj.load(folder, progress=False).generate(row, 12, eos_token_ids=())
+    np.testing.assert_array_equal(ours.tokens, ref)
+
+
+def test_unstacked_layers_equal_the_stacked_scan(hf_checkpoints):
+    """text_decoder.unstack_layers (what generation runs on) gives the stacked scan's results:
+    captures and logits of a forward pass, and a prefill plus one cached step."""
+    import jax.numpy as jnp
+
+    from vlm_jax.models import llava, text_decoder
+
+    case = "dinov2-qwen2-mixed-sliding-interpolated"  # layers differ in their attention window
+    folder, _, hf_config = hf_checkpoints(case)
+    batch = hf_factory.make_batch(hf_config, hf_factory.image_size(case), padding="left")
+    model = vj.load(folder, progress=False)
+    cfg, stacked = model.config, model.params
+    unstacked = {**stacked, "language_model": text_decoder.unstack_layers(stacked["language_model"])}
+    inputs = {k: jnp.asarray(v) for k, v in batch.items()}
+    capture = ("text.resid_post", "text.attn_pattern")
+    a = llava.forward(stacked, cfg, inputs, capture=capture)
+    b = llava.forward(unstacked, cfg, inputs, capture=capture)
+    for got, want in ((b.logits, a.logits), *((b.acts[s], a.acts[s]) for s in capture)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+    n, t = batch["input_ids"].shape
+    key_valid = jnp.concatenate([inputs["attention_mask"].astype(bool), jnp.ones((n, 1), bool)], axis=1)
+    positions = llava.default_positions(inputs["attention_mask"])
+    step_inputs = {"input_ids": jnp.full((n, 1), 5, jnp.int32), "position_ids": positions[:, -1:] + 1}
+    logits = []
+    for params, per_layer in ((stacked, False), (unstacked, True)):
+        cache = text_decoder.init_cache(cfg.text, n, t + 1, jnp.float32, per_layer=per_layer)
+        prefill = llava.forward(params, cfg, {**inputs, "position_ids": positions}, cache=cache, cache_index=0,
+                                key_valid=key_valid)
+        step = llava.forward(params, cfg, step_inputs, cache=prefill.cache, cache_index=t, key_valid=key_valid)
+        logits.append((prefill.logits, step.logits))
+        if per_layer:
+            assert isinstance(step.cache, tuple) and len(step.cache) == cfg.text.num_layers
+            assert step.cache[0]["k"].shape == (n, cfg.text.num_kv_heads, t + 1, cfg.text.head_dim)
+    for got, want in zip(logits[1], logits[0]):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 def test_short_generations_are_prefixes_of_long_ones(hf_checkpoints):
     """0, 1 and 2 new tokens (the last token is emitted after the decode loop, which runs
     max_new_tokens - 1 forwards) give the first tokens of a longer run."""

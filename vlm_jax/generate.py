@@ -57,7 +57,10 @@ def _generate(params, config: LlavaConfig, input_ids, attention_mask, pixel_valu
               *, new_slots: int, sampling: Sampling, eos_ids: tuple, pad_id: int, fused: bool):
     batch, prompt_len = input_ids.shape
     dtype = params["language_model"]["embed_tokens"]["embedding"].dtype
-    cache = text_decoder.init_cache(config.text, batch, prompt_len + new_slots, dtype)
+    # Every decode step reads all decoder weights: per-layer copies made once here spare the
+    # steps a copy of each layer's weights out of the stack (see text_decoder._unrolled).
+    params = {**params, "language_model": text_decoder.unstack_layers(params["language_model"])}
+    cache = text_decoder.init_cache(config.text, batch, prompt_len + new_slots, dtype, per_layer=True)
     key_valid = jnp.concatenate([attention_mask.astype(bool), jnp.zeros((batch, new_slots), bool)], axis=1)
     positions = llava.default_positions(attention_mask)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions}
@@ -103,9 +106,14 @@ def _generate(params, config: LlavaConfig, input_ids, attention_mask, pixel_valu
     return tokens, step
 
 
-_generate_jit = jax.jit(
-    _generate, static_argnames=("config", "new_slots", "sampling", "eos_ids", "pad_id", "fused")
-)
+_STATIC = ("config", "new_slots", "sampling", "eos_ids", "pad_id", "fused")
+_generate_jit = jax.jit(_generate, static_argnames=_STATIC)
+# On CPU, XLA hands dots to YNNPACK by default, which runs the decode steps' skinny products
+# ([B, D] x [D, F] with B of a few rows) far below memory speed (the unembedding at B=4: 8.8
+# vs 2.6 ms at B=1). Keeping only YNNPACK's reductions makes them XLA's own dots: a decode step
+# at B=4 went from ~31 to ~26 ms (measured while developing; benchmarks/RESULTS.md).
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+_generate_jit_cpu = jax.jit(_generate, static_argnames=_STATIC, compiler_options=_CPU_OPTIONS)
 
 
 def left_align(input_ids: np.ndarray, attention_mask: np.ndarray, pad_id: int):
@@ -162,7 +170,8 @@ def generate(
     arrays = {"input_ids": ids, "attention_mask": mask, "pixel_values": inputs.get("pixel_values")}
     if place is not None:
         arrays = place(arrays)
-    tokens, steps = _generate_jit(
+    on_cpu = jax.tree.leaves(params)[0].devices().pop().platform == "cpu"
+    tokens, steps = (_generate_jit_cpu if on_cpu else _generate_jit)(
         params, config, arrays["input_ids"], arrays["attention_mask"], arrays["pixel_values"], jax.random.key(seed),
         jnp.int32(max_new_tokens),
         new_slots=round_up(max_new_tokens, new_token_bucket), sampling=sampling,

@@ -87,15 +87,18 @@ def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, ca
         report = sites.report
         blocked = cache is None or prefill
         if cache is not None:  # write the new keys/values into this layer's slots of the cache
-            # heads-major [L, B, K, S, E]: the layout attention computes in, so reading the cache
-            # back costs no transpose (XLA cancels the two below)
-            at = (index, 0, 0, cache_index, 0)
+            # heads-major [(L,) B, K, S, E]: the layout attention computes in, so reading the cache
+            # back costs no transpose (XLA cancels the two below). A stacked cache [L, ...] is
+            # written at this layer's index; an unstacked layer gets its own [B, K, S, E].
+            stacked = cache["k"].ndim == 5
+            at = (index, 0, 0, cache_index, 0) if stacked else (0, 0, cache_index, 0)
             cache = {name: jax.lax.dynamic_update_slice(
-                cache[name], new.transpose(0, 2, 1, 3)[None].astype(cache[name].dtype), at)
+                cache[name], (new.transpose(0, 2, 1, 3)[None] if stacked else new.transpose(0, 2, 1, 3)
+                              ).astype(cache[name].dtype), at)
                 for name, new in (("k", k), ("v", v))}
             if not prefill:  # a prefill attends to its own keys only: the later slots are still empty
-                k, v = (jax.lax.dynamic_index_in_dim(cache[name], index, keepdims=False).transpose(0, 2, 1, 3)
-                        for name in ("k", "v"))
+                k, v = ((jax.lax.dynamic_index_in_dim(cache[name], index, keepdims=False) if stacked else cache[name]
+                         ).transpose(0, 2, 1, 3) for name in ("k", "v"))
         bias = biases[per_layer["mask_kind"]] if biases.shape[0] > 1 else biases[0]
         want_pattern = "attn_pattern" in wanted
         out, pattern = attention(
@@ -176,9 +179,13 @@ def forward(
             raise ValueError("layer_range runs a slice of the layers and cannot update a key/value cache; pass "
                              "cache=None (sweeps run cache-free forwards).")
         start, end = layer_range
-        stacked, per_layer = jax.tree.map(lambda a: a[start:end], (stacked, per_layer))
+        per_layer = jax.tree.map(lambda a: a[start:end], per_layer)
+        stacked = stacked[start:end] if isinstance(stacked, (list, tuple)) else jax.tree.map(lambda a: a[start:end],
+                                                                                            stacked)
     layer = _layer(cfg, frozenset(capture), fused, biases, cos, sin, cache_index, rebuild_edits, not attention_ops,
                    prefill)
+    if isinstance(stacked, (list, tuple)):
+        return _unrolled(layer, embeds, stacked, per_layer, cache)
     if cache is None:
         h, report = scan_layers(layer, embeds, stacked, per_layer, remat=remat)
         return h, report, None
@@ -187,6 +194,35 @@ def forward(
     (h, new_cache), report = scan_layers(layer, (embeds, {"k": cache["k"], "v": cache["v"]}), stacked, per_layer,
                                          remat=remat)
     return h, report, new_cache
+
+
+def _unrolled(layer, embeds, layers, per_layer, cache):
+    """The layers one by one from per-layer parameters (unstack_layers), with a per-layer cache
+    (init_cache(..., per_layer=True)) or none: nothing is sliced out of a stack. Inside lax.scan
+    on CPU, each layer's weights (and cache slice) are copied out of the stack before its dots
+    read them, which doubles the memory traffic of a decode step."""
+    h, new_cache, reports = embeds, [], []
+    for i, p in enumerate(layers):
+        extra = jax.tree.map(lambda a, i=i: a[i], per_layer)
+        carry = h if cache is None else (h, cache[i])
+        carry, report = layer(p, carry, extra, i)
+        if cache is None:
+            h = carry
+        else:
+            h, layer_cache = carry
+            new_cache.append(layer_cache)
+        reports.append(report)
+    report = jax.tree.map(lambda *a: jnp.stack(a), *reports) if reports and jax.tree.leaves(reports[0]) else {}
+    return h, report, (None if cache is None else tuple(new_cache))
+
+
+def unstack_layers(params: dict) -> dict:
+    """The decoder's parameters with "layers" as a tuple of per-layer trees instead of one
+    stacked tree: `forward` then runs the layers unrolled (see _unrolled). Costs one copy of
+    the layer weights; worth it where the same weights are read many times (decode steps)."""
+    stacked = params["layers"]
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))}
 
 
 def final_norm(params: dict, cfg: TextConfig, h: jax.Array) -> jax.Array:
@@ -202,7 +238,11 @@ def unembed(params: dict, lm_head: dict | None, h: jax.Array) -> jax.Array:
     return constrain(logits, ("batch",) + (None,) * (logits.ndim - 2) + ("act_vocab",))
 
 
-def init_cache(cfg: TextConfig, batch: int, length: int, dtype) -> dict:
-    """An empty key/value cache {'k', 'v': [L, B, K, S, E]} of `length` slots."""
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
+def init_cache(cfg: TextConfig, batch: int, length: int, dtype, per_layer: bool = False) -> dict | tuple:
+    """An empty key/value cache of `length` slots: {'k', 'v': [L, B, K, S, E]}, or with
+    per_layer a tuple of L caches {'k', 'v': [B, K, S, E]} (for unstack_layers parameters)."""
+    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+    if per_layer:
+        return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers))
+    shape = (cfg.num_layers, *shape)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
