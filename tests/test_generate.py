@@ -166,8 +166,11 @@ def test_one_compilation_per_length_bucket(hf_checkpoints):
     folder, _, hf_config = hf_checkpoints("clip-llama-mha")
     model = vj.load(folder, progress=False)
     batch = hf_factory.make_batch(hf_config, 28)
+    compiled = gen.compiled_generate(model.params)
     model.generate(batch, 8, eos_token_ids=())
-    before = gen._generate_jit._cache_size()
+    before = compiled._cache_size()
     shorter = {k: (v[:, 1:] if k != "pixel_values" else v) for k, v in batch.items()}  # same bucket
     model.generate(shorter, 5, eos_token_ids=())  # fewer new tokens: same bucket, traced count
-    assert gen._generate_jit._cache_size() == before
+    assert compiled._cache_size() == before
+    gen.generate(model.params, model.config, batch, 8, prompt_bucket=1)  # another prompt width: one more program
+    assert compiled._cache_size() == before + 1

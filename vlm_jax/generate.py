@@ -116,6 +116,12 @@ _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_RED
 _generate_jit_cpu = jax.jit(_generate, static_argnames=_STATIC, compiler_options=_CPU_OPTIONS)
 
 
+def compiled_generate(params: dict):
+    """The jitted decoding function `generate` runs for these parameters (CPU or not)."""
+    on_cpu = jax.tree.leaves(params)[0].devices().pop().platform == "cpu"
+    return _generate_jit_cpu if on_cpu else _generate_jit
+
+
 def left_align(input_ids: np.ndarray, attention_mask: np.ndarray, pad_id: int):
     """Moves every row's real tokens to the right end (right padding becomes left padding)."""
     ids = np.full_like(input_ids, pad_id)
@@ -170,8 +176,7 @@ def generate(
     arrays = {"input_ids": ids, "attention_mask": mask, "pixel_values": inputs.get("pixel_values")}
     if place is not None:
         arrays = place(arrays)
-    on_cpu = jax.tree.leaves(params)[0].devices().pop().platform == "cpu"
-    tokens, steps = (_generate_jit_cpu if on_cpu else _generate_jit)(
+    tokens, steps = compiled_generate(params)(
         params, config, arrays["input_ids"], arrays["attention_mask"], arrays["pixel_values"], jax.random.key(seed),
         jnp.int32(max_new_tokens),
         new_slots=round_up(max_new_tokens, new_token_bucket), sampling=sampling,
