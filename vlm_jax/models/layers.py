@@ -51,6 +51,12 @@ def project_heads(x: jax.Array, params: dict) -> jax.Array:
 
 def merge_heads(x: jax.Array, params: dict) -> jax.Array:
     """x [B, T, H, E] -> [B, T, D] with kernel [H, E, D] (+ LoRA) (+ bias [D])."""
+    if x.shape[-3] == 1:
+        # A single token (a decode step) as one [H*E, D] product: contracted over (h, e), XLA CPU
+        # copied the kernel transposed in every step (decode step at batch 1: 17.2 -> 16.4 ms).
+        # Longer inputs keep the einsum, which measured ~3% faster on the full forward.
+        flat = {k: (v.reshape(-1, v.shape[-1]) if k in ("kernel", "lora_a") else v) for k, v in params.items()}
+        return _project(x.reshape(*x.shape[:-2], -1), flat, "i", "o")
     return _project(x, params, "he", "d")
 
 
