@@ -48,7 +48,9 @@ def test_greedy_generation_of_a_single_row_matches_transformers(hf_checkpoints):
 
 def test_unstacked_layers_equal_the_stacked_scan(hf_checkpoints):
     """text_decoder.unstack_layers (what generation runs on) gives the stacked scan's results:
-    captures and logits of a forward pass, and a prefill plus one cached step."""
+    captures and logits of a forward pass, rematerialised gradients, and a prefill plus one
+    cached step."""
+    import jax
     import jax.numpy as jnp
 
     from vlm_jax.models import llava, text_decoder
@@ -65,6 +67,16 @@ def test_unstacked_layers_equal_the_stacked_scan(hf_checkpoints):
     b = llava.forward(unstacked, cfg, inputs, capture=capture)
     for got, want in ((b.logits, a.logits), *((b.acts[s], a.acts[s]) for s in capture)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+    def loss(params):  # rematerialised layers: the same gradients either way
+        return jnp.mean(jnp.square(llava.forward(params, cfg, inputs, remat=True).logits))
+
+    g_stacked, g_unstacked = jax.grad(loss)(stacked), jax.grad(loss)(unstacked)
+    for i in (0, cfg.text.num_layers - 1):
+        for name in ("q_proj", "o_proj"):
+            np.testing.assert_allclose(
+                np.asarray(g_unstacked["language_model"]["layers"][i]["self_attn"][name]["kernel"]),
+                np.asarray(g_stacked["language_model"]["layers"]["self_attn"][name]["kernel"][i]), rtol=1e-4, atol=1e-6)
 
     n, t = batch["input_ids"].shape
     key_valid = jnp.concatenate([inputs["attention_mask"].astype(bool), jnp.ones((n, 1), bool)], axis=1)

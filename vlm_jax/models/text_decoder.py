@@ -135,11 +135,14 @@ def forward(
     """Runs every decoder layer (or the layers in `layer_range` = (start, end)).
 
     Args:
+      params: the decoder's parameters; "layers" stacked [L, ...] (run with lax.scan) or a
+        tuple of per-layer trees (unstack_layers; run unrolled).
       embeds: [B, T, D] input embeddings (image features already merged in).
       positions: [B, T] rotary position ids.
       key_valid: [B, S] False at padding; S = T without a cache, else the cache length.
       capture: per-layer sites (LAYER_SITES) to return stacked [L, ...].
-      cache: {'k', 'v': [L, B, K, S, E]} (init_cache) or None.
+      cache: {'k', 'v': [L, B, K, S, E]} (init_cache), a tuple of per-layer caches
+        {'k', 'v': [B, K, S, E]} (init_cache(..., per_layer=True), with unstacked layers) or None.
       cache_index: slot of the first of the T tokens in the cache.
       site_ops, attention_ops: this tower's edits (vlm_jax.interp.edits).
       layer_range: run only layers start..end-1 (embeds is then layer start's input); used by
@@ -185,6 +188,8 @@ def forward(
     layer = _layer(cfg, frozenset(capture), fused, biases, cos, sin, cache_index, rebuild_edits, not attention_ops,
                    prefill)
     if isinstance(stacked, (list, tuple)):
+        if remat:
+            layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable, static_argnums=(3,))
         return _unrolled(layer, embeds, stacked, per_layer, cache)
     if cache is None:
         h, report = scan_layers(layer, embeds, stacked, per_layer, remat=remat)
