@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 import hf_factory
 import vlm_jax as vj
 from vlm_jax import generate as gen
+from vlm_jax.models import layers, llava, text_decoder
 
 
 def hf_generate(hf_model, batch, max_new_tokens, **kwargs) -> np.ndarray:
@@ -50,11 +53,6 @@ def test_unstacked_layers_equal_the_stacked_scan(hf_checkpoints):
     """text_decoder.unstack_layers (what generation runs on) gives the stacked scan's results:
     captures and logits of a forward pass, rematerialised gradients, and a prefill plus one
     cached step."""
-    import jax
-    import jax.numpy as jnp
-
-    from vlm_jax.models import llava, text_decoder
-
     case = "dinov2-qwen2-mixed-sliding-interpolated"  # layers differ in their attention window
     folder, _, hf_config = hf_checkpoints(case)
     batch = hf_factory.make_batch(hf_config, hf_factory.image_size(case), padding="left")
@@ -110,10 +108,6 @@ def test_short_generations_are_prefixes_of_long_ones(hf_checkpoints):
 
 
 def test_bad_generation_requests_are_refused(hf_checkpoints):
-    import jax.numpy as jnp
-
-    from vlm_jax.models import text_decoder
-
     folder, _, hf_config = hf_checkpoints("clip-llama-mha")
     batch = hf_factory.make_batch(hf_config, hf_factory.image_size("clip-llama-mha"), padding="left")
     model = vj.load(folder, progress=False)
@@ -165,9 +159,6 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(hf_checkpoints):
 
 
 def test_top_p_keeps_the_nucleus_only():
-    import jax
-    import jax.numpy as jnp
-
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
     sampling = gen.Sampling(do_sample=True, top_p=0.7)
     draws = {int(gen.choose_token(logits, sampling, jax.random.key(i))[0]) for i in range(200)}
@@ -191,11 +182,6 @@ def test_one_compilation_per_length_bucket(hf_checkpoints):
 def test_single_token_output_projection_equals_the_einsum():
     """merge_heads takes a flat [H*E, D] product for one token (decode steps); with LoRA and a
     bias it equals the per-head einsum that longer inputs use."""
-    import jax
-    import jax.numpy as jnp
-
-    from vlm_jax.models import layers
-
     keys = jax.random.split(jax.random.key(0), 5)
     params = {"kernel": jax.random.normal(keys[0], (4, 8, 16)), "bias": jax.random.normal(keys[1], (16,)),
               "lora_a": jax.random.normal(keys[2], (4, 8, 3)), "lora_b": jax.random.normal(keys[3], (3, 16)),

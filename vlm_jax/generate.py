@@ -58,7 +58,7 @@ def _generate(params, config: LlavaConfig, input_ids, attention_mask, pixel_valu
     batch, prompt_len = input_ids.shape
     dtype = params["language_model"]["embed_tokens"]["embedding"].dtype
     # Every decode step reads all decoder weights: per-layer copies made once here spare the
-    # steps a copy of each layer's weights out of the stack (see text_decoder._unrolled).
+    # steps a copy of each layer's weights out of the stack (see layers.unrolled_layers).
     params = {**params, "language_model": text_decoder.unstack_layers(params["language_model"])}
     cache = text_decoder.init_cache(config.text, batch, prompt_len + new_slots, dtype, per_layer=True)
     key_valid = jnp.concatenate([attention_mask.astype(bool), jnp.zeros((batch, new_slots), bool)], axis=1)

@@ -2,7 +2,9 @@
 
 `scan_layers` runs a stack of identical layers with lax.scan over their stacked parameters:
 compile time stays flat in depth, and whatever a layer reports (captured activations,
-updated caches) comes out stacked with a leading layer axis.
+updated caches) comes out stacked with a leading layer axis. `unrolled_layers` runs the same
+layer function over per-layer parameters in a Python loop (decoding, where lax.scan's slicing
+of the stack costs a weight copy per layer and step).
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def scan_layers(
     backward pass instead of storing them (training memory ~ one layer).
     """
     if remat:
-        layer_fn = jax.checkpoint(layer_fn, policy=jax.checkpoint_policies.nothing_saveable)
+        layer_fn = _rematerialised(layer_fn)
     total = jax.tree.leaves(stacked_params)[0].shape[0]
     n_layers = total if n_layers is None else n_layers
     if n_layers == 0:
@@ -108,3 +110,41 @@ def scan_layers(
 
     xs = (stacked_params, per_layer if per_layer is not None else {}, jnp.arange(n_layers))
     return jax.lax.scan(body, h, xs)
+
+
+def unrolled_layers(
+    layer_fn: Callable,
+    h: jax.Array,
+    layers: tuple,
+    per_layer: dict,
+    states: tuple | None = None,
+    remat: bool = False,
+):
+    """Applies `layer_fn(params_i, carry, per_layer_i, i) -> (carry, report)` in a Python loop
+    over `layers`, a tuple of per-layer parameter trees (nothing is sliced out of a stack: on
+    CPU, lax.scan copies each layer's weights out of the stack before its dots read them, which
+    doubles the memory traffic of a decode step). The carry is h, or (h, states[i]) with
+    per-layer states (key/value caches).
+
+    Returns (h, the reports stacked over layers, the new states as a tuple or None).
+    """
+    if remat:
+        layer_fn = _rematerialised(layer_fn, static_index=True)
+    new_states, reports = [], []
+    for i, params_i in enumerate(layers):
+        extra = jax.tree.map(lambda a, i=i: a[i], per_layer)
+        if states is None:
+            h, report = layer_fn(params_i, h, extra, i)
+        else:
+            (h, state), report = layer_fn(params_i, (h, states[i]), extra, i)
+            new_states.append(state)
+        reports.append(report)
+    report = jax.tree.map(lambda *a: jnp.stack(a), *reports) if reports else {}
+    return h, report, (None if states is None else tuple(new_states))
+
+
+def _rematerialised(layer_fn: Callable, static_index: bool = False) -> Callable:
+    """layer_fn recomputing its activations in the backward pass (training memory ~ one layer);
+    static_index when the layer index is a Python int (unrolled layers)."""
+    return jax.checkpoint(layer_fn, policy=jax.checkpoint_policies.nothing_saveable,
+                          static_argnums=(3,) if static_index else ())

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from vlm_jax.config import TextConfig
 from vlm_jax.interp.edits import layer_slices
 from vlm_jax.interp.site_hooks import Sites, score_editor
-from vlm_jax.models.layers import gated_mlp, merge_heads, project_heads, scan_layers
+from vlm_jax.models.layers import gated_mlp, merge_heads, project_heads, scan_layers, unrolled_layers
 from vlm_jax.models.params import ParamSpec, dense, norm, stack
 from vlm_jax.nn.attention import attention, causal_mask, mask_to_bias
 from vlm_jax.nn.norms import rms_norm
@@ -91,14 +91,19 @@ def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, ca
             # back costs no transpose (XLA cancels the two below). A stacked cache [L, ...] is
             # written at this layer's index; an unstacked layer gets its own [B, K, S, E].
             stacked = cache["k"].ndim == 5
-            at = (index, 0, 0, cache_index, 0) if stacked else (0, 0, cache_index, 0)
-            cache = {name: jax.lax.dynamic_update_slice(
-                cache[name], (new.transpose(0, 2, 1, 3)[None] if stacked else new.transpose(0, 2, 1, 3)
-                              ).astype(cache[name].dtype), at)
-                for name, new in (("k", k), ("v", v))}
+
+            def write(buffer, new):
+                new = new.transpose(0, 2, 1, 3).astype(buffer.dtype)
+                if stacked:
+                    return jax.lax.dynamic_update_slice(buffer, new[None], (index, 0, 0, cache_index, 0))
+                return jax.lax.dynamic_update_slice(buffer, new, (0, 0, cache_index, 0))
+
+            def read(buffer):
+                return jax.lax.dynamic_index_in_dim(buffer, index, keepdims=False) if stacked else buffer
+
+            cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
             if not prefill:  # a prefill attends to its own keys only: the later slots are still empty
-                k, v = ((jax.lax.dynamic_index_in_dim(cache[name], index, keepdims=False) if stacked else cache[name]
-                         ).transpose(0, 2, 1, 3) for name in ("k", "v"))
+                k, v = (read(cache[name]).transpose(0, 2, 1, 3) for name in ("k", "v"))
         bias = biases[per_layer["mask_kind"]] if biases.shape[0] > 1 else biases[0]
         want_pattern = "attn_pattern" in wanted
         out, pattern = attention(
@@ -177,20 +182,21 @@ def forward(
         "edits": edit_xs,
     }
     stacked = params["layers"]
+    unstacked = isinstance(stacked, (list, tuple))  # unstack_layers: run unrolled
     if layer_range is not None:
         if cache is not None:
             raise ValueError("layer_range runs a slice of the layers and cannot update a key/value cache; pass "
                              "cache=None (sweeps run cache-free forwards).")
         start, end = layer_range
         per_layer = jax.tree.map(lambda a: a[start:end], per_layer)
-        stacked = stacked[start:end] if isinstance(stacked, (list, tuple)) else jax.tree.map(lambda a: a[start:end],
-                                                                                            stacked)
+        if unstacked:
+            stacked = stacked[start:end]
+        else:
+            stacked = jax.tree.map(lambda a: a[start:end], stacked)
     layer = _layer(cfg, frozenset(capture), fused, biases, cos, sin, cache_index, rebuild_edits, not attention_ops,
                    prefill)
-    if isinstance(stacked, (list, tuple)):
-        if remat:
-            layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable, static_argnums=(3,))
-        return _unrolled(layer, embeds, stacked, per_layer, cache)
+    if unstacked:
+        return unrolled_layers(layer, embeds, stacked, per_layer, states=cache, remat=remat)
     if cache is None:
         h, report = scan_layers(layer, embeds, stacked, per_layer, remat=remat)
         return h, report, None
@@ -201,29 +207,9 @@ def forward(
     return h, report, new_cache
 
 
-def _unrolled(layer, embeds, layers, per_layer, cache):
-    """The layers one by one from per-layer parameters (unstack_layers), with a per-layer cache
-    (init_cache(..., per_layer=True)) or none: nothing is sliced out of a stack. Inside lax.scan
-    on CPU, each layer's weights (and cache slice) are copied out of the stack before its dots
-    read them, which doubles the memory traffic of a decode step."""
-    h, new_cache, reports = embeds, [], []
-    for i, p in enumerate(layers):
-        extra = jax.tree.map(lambda a, i=i: a[i], per_layer)
-        carry = h if cache is None else (h, cache[i])
-        carry, report = layer(p, carry, extra, i)
-        if cache is None:
-            h = carry
-        else:
-            h, layer_cache = carry
-            new_cache.append(layer_cache)
-        reports.append(report)
-    report = jax.tree.map(lambda *a: jnp.stack(a), *reports) if reports and jax.tree.leaves(reports[0]) else {}
-    return h, report, (None if cache is None else tuple(new_cache))
-
-
 def unstack_layers(params: dict) -> dict:
     """The decoder's parameters with "layers" as a tuple of per-layer trees instead of one
-    stacked tree: `forward` then runs the layers unrolled (see _unrolled). Costs one copy of
+    stacked tree: `forward` then runs the layers unrolled (layers.unrolled_layers). Costs one copy of
     the layer weights; worth it where the same weights are read many times (decode steps)."""
     stacked = params["layers"]
     n = jax.tree.leaves(stacked)[0].shape[0]
