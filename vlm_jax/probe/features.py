@@ -219,26 +219,32 @@ def _stack_site(acts: dict, site: str) -> jax.Array:
     return value
 
 
-def _pool_fn(config, sites: tuple[str, ...], pairs: tuple[tuple[str, str], ...]):
-    @jax.jit
-    def pool(params, arrays, text_w, vision_w):
-        out = llava.forward(params, config, arrays, capture=sites, compute_logits=False)
-        pooled = {}
-        for site in sites:
-            x = _stack_site(out.acts, site).astype(jnp.float32)
-            for pool_name in [p for s, p in pairs if s == site]:
-                if _site_tower(site) == "vision":
-                    w = vision_w[pool_name]  # [B, K, N, P]
-                    if site in IMAGE_LEVEL:  # [1, N, P', D]: the tokens the select strategy kept
-                        w = w[..., w.shape[-1] - x.shape[2]:]
-                        w = w / jnp.maximum(jnp.sum(w, axis=(2, 3), keepdims=True), 1e-30)
-                    y = jnp.einsum("lnpd,bknp->blkd", x, w)
-                else:
-                    y = jnp.einsum("lbtd,bkt->blkd", x, text_w[pool_name])
-                pooled[(site, pool_name)] = y if pool_name == "grid" else y[:, :, 0]
-        return pooled
+def _pooled_features(params, arrays, text_w, vision_w, *, config, sites: tuple[str, ...],
+                     pairs: tuple[tuple[str, str], ...]) -> dict:
+    """One batch through the model, pooled: {(site, pooling): [B, L, D] (grid: [B, L, K, D])}.
 
-    return pool
+    text_w {pooling: [B, K, T]} and vision_w {pooling: [B, K, N, P]} are the pooling weights
+    (_pool_weights). Compiled once per (config, sites, pairs) and batch shape, shared by every
+    extract_features call (a jit made per call compiled the model again each time).
+    """
+    out = llava.forward(params, config, arrays, capture=sites, compute_logits=False)
+    pooled = {}
+    for site in sites:
+        x = _stack_site(out.acts, site).astype(jnp.float32)
+        for pool_name in [p for s, p in pairs if s == site]:
+            if _site_tower(site) == "vision":
+                w = vision_w[pool_name]  # [B, K, N, P]
+                if site in IMAGE_LEVEL:  # [1, N, P', D]: the tokens the select strategy kept
+                    w = w[..., w.shape[-1] - x.shape[2]:]
+                    w = w / jnp.maximum(jnp.sum(w, axis=(2, 3), keepdims=True), 1e-30)
+                y = jnp.einsum("lnpd,bknp->blkd", x, w)
+            else:
+                y = jnp.einsum("lbtd,bkt->blkd", x, text_w[pool_name])
+            pooled[(site, pool_name)] = y if pool_name == "grid" else y[:, :, 0]
+    return pooled
+
+
+_pooled_features_jit = jax.jit(_pooled_features, static_argnames=("config", "sites", "pairs"))
 
 
 def extract_features(model, examples: Sequence[Mapping], out_dir: str, *, sites=("text.resid_post",),
@@ -284,7 +290,6 @@ def extract_features(model, examples: Sequence[Mapping], out_dir: str, *, sites=
             "new folder, or delete it to start over")
     arrays = {(s, p): store.load(s, p, mode="r+") for s, p in pairs} if writer else {}
     start = from_writer(store.done if writer else 0)
-    pool = _pool_fn(cfg, sites, tuple(pairs))
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -299,7 +304,8 @@ def extract_features(model, examples: Sequence[Mapping], out_dir: str, *, sites=
         batch = _left_pad(batch, width, cfg.text.pad_token_id or 0, cfg)
         text_w, vision_w = _pool_weights(model, padded, batch, pooling, width, len(images))
         with model.mesh_context():  # sharded models: the batch is split over data x fsdp
-            pooled = pool(model.params, model.place(model._arrays(batch)), model.place(text_w), model.place(vision_w))
+            pooled = _pooled_features_jit(model.params, model.place(model._arrays(batch)), model.place(text_w),
+                                          model.place(vision_w), config=cfg, sites=sites, pairs=tuple(pairs))
         for key, value in pooled.items():
             value = to_host(value)  # every process takes part in gathering a batch split over hosts
             if writer:
