@@ -167,6 +167,17 @@ def test_extracted_features_match_direct_computation(toy, tmp_path):
     assert store.layers_first("text.resid_post", "image_mean").shape == (2, 5, 64)
 
 
+def test_fused_attention_extraction_matches_the_explicit_path(toy, tmp_path):
+    examples = _examples(3)
+    kw = dict(sites=("text.resid_post", "vision.resid_post"), pooling=("image_mean", "last"), batch_size=2,
+              progress=False)
+    explicit = extract_features(toy, examples, str(tmp_path / "a"), fused_attention=False, **kw)
+    fused = extract_features(toy, examples, str(tmp_path / "b"), fused_attention=True, **kw)
+    for site, pooling in (("text.resid_post", "image_mean"), ("text.resid_post", "last"),
+                          ("vision.resid_post", "image_mean")):
+        np.testing.assert_allclose(fused.load(site, pooling), explicit.load(site, pooling), atol=1e-5, rtol=1e-5)
+
+
 def test_interrupted_extraction_resumes(toy, tmp_path):
     examples = _examples(6)
     whole = extract_features(toy, examples, str(tmp_path / "whole"), sites=("text.hidden_states",),

@@ -114,6 +114,22 @@ def test_grad_accumulation_matches_one_big_batch(model, random_llava, tmp_path):
     np.testing.assert_allclose([one.losses[s] for s in (1, 2, 3)], [two.losses[s] for s in (1, 2, 3)], rtol=1e-4)
 
 
+def test_fused_attention_training_matches_the_explicit_path(model, random_llava, tmp_path):
+    # On CPU the default is the explicit path; the fused kernel (jax.nn.dot_product_attention,
+    # cuDNN flash attention on GPU) must train the same model: same losses, same parameters.
+    explicit = Trainer(config(random_llava, tmp_path / "a", max_steps=3, fused_attention=False), model=model)
+    fused = Trainer(config(random_llava, tmp_path / "b", max_steps=3, fused_attention=True), model=model)
+    runs = [trainer.run() for trainer in (explicit, fused)]
+    np.testing.assert_allclose([runs[0].losses[s] for s in (1, 2, 3)], [runs[1].losses[s] for s in (1, 2, 3)],
+                               rtol=1e-5)
+    a, b = (P.flatten(trainer.params(trainer.state)) for trainer in (explicit, fused))
+    for path in a:
+        np.testing.assert_allclose(np.asarray(a[path]), np.asarray(b[path]), rtol=1e-4, atol=1e-6, err_msg=str(path))
+    # the flag reaches the forward: the two steps are different programs
+    programs = [str(jax.make_jaxpr(t._step)(t.initial_state(), t.frozen, t.batch(0))) for t in (explicit, fused)]
+    assert programs[0] != programs[1]
+
+
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(model, random_llava, tmp_path):
     trainer = Trainer(config(random_llava, tmp_path, learning_rate=1e6, max_grad_norm=None, max_steps=30,
                              checkpoint_every=1, weight_decay=0.0), model=model)

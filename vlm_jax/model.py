@@ -23,13 +23,9 @@ from vlm_jax.inputs import Batch, Processor, as_numpy_inputs
 from vlm_jax.interp.edits import AttentionEdit, Edits, stack_edits, validate_against_inputs
 from vlm_jax.interp.sweep import first_edited_layers, shared_prefix_sweep
 from vlm_jax.models import llava
+from vlm_jax.nn.attention import default_fused_attention
 from vlm_jax.sharding import ShardingPlan, as_plan, mesh_context
 from vlm_jax.weights import Layout
-
-
-def default_fused_attention() -> bool:
-    """Fused attention kernels pay off on accelerators; the CPU uses the explicit path."""
-    return jax.default_backend() in ("gpu", "tpu")
 
 
 def check_inputs(arrays: Mapping[str, np.ndarray], cfg: LlavaConfig) -> None:

@@ -20,6 +20,17 @@ import jax
 import jax.numpy as jnp
 
 
+def default_fused_attention() -> bool:
+    """Whether `fused_attention=None` means fused: the fused kernels (cuDNN flash attention,
+    the TPU kernel) pay off on accelerators; on CPU the explicit path is faster."""
+    return jax.default_backend() in ("gpu", "tpu")
+
+
+def resolve_fused(fused_attention: bool | None) -> bool:
+    """None -> default_fused_attention(); True/False as given."""
+    return default_fused_attention() if fused_attention is None else bool(fused_attention)
+
+
 def causal_mask(
     key_valid: jax.Array, query_index: jax.Array, key_index: jax.Array, window: int | None = None
 ) -> jax.Array:

@@ -37,6 +37,7 @@ from vlm_jax.interp.geometry import ImageGeometry
 from vlm_jax.interp.sites import ALL_SITES, validate_capture
 from vlm_jax.models import llava
 from vlm_jax.multihost import from_writer, is_writer, to_host
+from vlm_jax.nn.attention import resolve_fused
 
 POOLINGS = ("image_mean", "cls", "last", "position", "region_mean", "grid")
 VISION_POOLINGS = ("image_mean", "cls", "region_mean", "grid")
@@ -220,14 +221,15 @@ def _stack_site(acts: dict, site: str) -> jax.Array:
 
 
 def _pooled_features(params, arrays, text_w, vision_w, *, config, sites: tuple[str, ...],
-                     pairs: tuple[tuple[str, str], ...]) -> dict:
+                     pairs: tuple[tuple[str, str], ...], fused: bool) -> dict:
     """One batch through the model, pooled: {(site, pooling): [B, L, D] (grid: [B, L, K, D])}.
 
     text_w {pooling: [B, K, T]} and vision_w {pooling: [B, K, N, P]} are the pooling weights
     (_pool_weights). Compiled once per (config, sites, pairs) and batch shape, shared by every
-    extract_features call (a jit made per call compiled the model again each time).
+    extract_features call (a jit made per call compiled the model again each time). fused: the
+    fused attention kernel wherever a layer's pattern is not among the sites.
     """
-    out = llava.forward(params, config, arrays, capture=sites, compute_logits=False)
+    out = llava.forward(params, config, arrays, capture=sites, compute_logits=False, fused_attention=fused)
     pooled = {}
     for site in sites:
         x = _stack_site(out.acts, site).astype(jnp.float32)
@@ -244,13 +246,17 @@ def _pooled_features(params, arrays, text_w, vision_w, *, config, sites: tuple[s
     return pooled
 
 
-_pooled_features_jit = jax.jit(_pooled_features, static_argnames=("config", "sites", "pairs"))
+_pooled_features_jit = jax.jit(_pooled_features, static_argnames=("config", "sites", "pairs", "fused"))
 
 
 def extract_features(model, examples: Sequence[Mapping], out_dir: str, *, sites=("text.resid_post",),
                      pooling=("image_mean", "last"), batch_size: int = 8, dtype: str = "float32",
-                     token_bucket: int = 64, progress: bool = True) -> FeatureStore:
+                     token_bucket: int = 64, progress: bool = True,
+                     fused_attention: bool | None = None) -> FeatureStore:
     """Extracts pooled features of `examples` at `sites` into `out_dir` (resumes if present).
+
+    fused_attention: None uses the fused attention kernel on accelerators (cuDNN flash
+    attention on GPU) and the explicit path on CPU; True/False to choose.
 
     On several hosts (jax.distributed) every process runs this with the same examples; the
     batch is split over all devices, and process 0 writes the folder (on its own disk or a
@@ -290,6 +296,7 @@ def extract_features(model, examples: Sequence[Mapping], out_dir: str, *, sites=
             "new folder, or delete it to start over")
     arrays = {(s, p): store.load(s, p, mode="r+") for s, p in pairs} if writer else {}
     start = from_writer(store.done if writer else 0)
+    fused = resolve_fused(fused_attention)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -305,7 +312,8 @@ def extract_features(model, examples: Sequence[Mapping], out_dir: str, *, sites=
         text_w, vision_w = _pool_weights(model, padded, batch, pooling, width, len(images))
         with model.mesh_context():  # sharded models: the batch is split over data x fsdp
             pooled = _pooled_features_jit(model.params, model.place(model._arrays(batch)), model.place(text_w),
-                                          model.place(vision_w), config=cfg, sites=sites, pairs=tuple(pairs))
+                                          model.place(vision_w), config=cfg, sites=sites, pairs=tuple(pairs),
+                                          fused=fused)
         for key, value in pooled.items():
             value = to_host(value)  # every process takes part in gathering a batch split over hosts
             if writer:

@@ -38,6 +38,7 @@ import optax
 from vlm_jax.errors import CheckpointMismatchError, VlmJaxError
 from vlm_jax.models import llava
 from vlm_jax.multihost import is_writer, to_host
+from vlm_jax.nn.attention import resolve_fused
 from vlm_jax.train import subsets
 from vlm_jax.train.data import Collator, DataError, batch_indices
 from vlm_jax.train.lora import LoraConfig, add_lora, merge_lora
@@ -76,6 +77,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     remat: bool = True
+    # None: the fused attention kernel (jax.nn.dot_product_attention: cuDNN flash attention on
+    # GPU) on accelerators, the explicit path on CPU; True/False to choose
+    fused_attention: bool | None = None
     token_bucket: int = 64
     mesh: str | None = None  # e.g. "fsdp=4,tensor=2": load and train sharded (vlm_jax.sharding)
     append_eos: bool = True
@@ -99,13 +103,13 @@ def _resolve(data):
     return data() if callable(data) else data
 
 
-def _loss_sum(trainable, frozen, mb, *, config, dtype, remat):
+def _loss_sum(trainable, frozen, mb, *, config, dtype, remat, fused):
     """Summed NLL of the answer tokens of a micro-batch, and counts."""
     params = subsets.merge(trainable, frozen, dtype)
     prefix = params.pop("soft_prompt")["embedding"] if "soft_prompt" in params else None
     inputs = {k: mb[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in mb}
     out = llava.forward(params, config, inputs, logit_positions=mb["target_positions"] - 1, prefix=prefix,
-                        remat=remat)
+                        remat=remat, fused_attention=fused)
     logits = out.logits.astype(jnp.float32)
     picked = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), mb["target_ids"][..., None], axis=-1)[..., 0]
     valid = mb["target_valid"]
@@ -117,9 +121,10 @@ def _loss_sum(trainable, frozen, mb, *, config, dtype, remat):
     return nll, stats
 
 
-def _train_step(state, frozen, batch, *, optimizer, config, dtype, remat):
+def _train_step(state, frozen, batch, *, optimizer, config, dtype, remat, fused):
     """One optimizer step over batch leaves [accum, micro, ...]."""
-    grad_fn = jax.value_and_grad(functools.partial(_loss_sum, config=config, dtype=dtype, remat=remat), has_aux=True)
+    grad_fn = jax.value_and_grad(functools.partial(_loss_sum, config=config, dtype=dtype, remat=remat, fused=fused),
+                                 has_aux=True)
 
     def micro(acc, mb):
         (nll, stats), grads = grad_fn(state["trainable"], frozen, mb)
@@ -140,8 +145,8 @@ def _train_step(state, frozen, batch, *, optimizer, config, dtype, remat):
     return new_state, {"loss": loss, "grad_norm": grad_norm, "tokens": stats["tokens"], "finite": finite}
 
 
-def _eval_step(trainable, frozen, mb, *, config, dtype):
-    return _loss_sum(trainable, frozen, mb, config=config, dtype=dtype, remat=False)
+def _eval_step(trainable, frozen, mb, *, config, dtype, fused):
+    return _loss_sum(trainable, frozen, mb, config=config, dtype=dtype, remat=False, fused=fused)
 
 
 class Trainer:
@@ -201,9 +206,11 @@ class Trainer:
         # Sharded: the state keeps the same shards step after step (one compilation, and the
         # donated buffers are reused in place).
         pinned = {} if self.plan is None else {"out_shardings": (self.state_shardings, self.plan.replicated)}
+        fused = resolve_fused(config.fused_attention)
         self._step = jax.jit(functools.partial(_train_step, optimizer=self.optimizer, config=self.model.config,
-                                               dtype=self.dtype, remat=config.remat), donate_argnums=0, **pinned)
-        self._eval = jax.jit(functools.partial(_eval_step, config=self.model.config, dtype=self.dtype))
+                                               dtype=self.dtype, remat=config.remat, fused=fused),
+                             donate_argnums=0, **pinned)
+        self._eval = jax.jit(functools.partial(_eval_step, config=self.model.config, dtype=self.dtype, fused=fused))
         self.checkpoint_dir = os.path.abspath(os.path.join(config.output_dir, "checkpoints"))
 
     # -- state ---------------------------------------------------------------------------------
