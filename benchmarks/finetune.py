@@ -52,8 +52,9 @@ def lora_torch(model, rank=8, alpha=16.0):
         def __init__(self, base: nn.Linear):
             super().__init__()
             self.base = base
-            self.a = nn.Parameter(torch.randn(base.in_features, rank) / rank)
-            self.b = nn.Parameter(torch.zeros(rank, base.out_features))
+            like = {"device": base.weight.device, "dtype": base.weight.dtype}
+            self.a = nn.Parameter(torch.randn(base.in_features, rank, **like) / rank)
+            self.b = nn.Parameter(torch.zeros(rank, base.out_features, **like))
             self.scale = alpha / rank
 
         def forward(self, x):
@@ -68,15 +69,18 @@ def lora_torch(model, rank=8, alpha=16.0):
 
 
 def torch_step_fn(model, params, data):
+    """One AdamW step of `params` on `data` (loss on the last ANSWER tokens), on the model's
+    device and in its dtype; returns the loss (a float, so the step has finished)."""
     import torch
 
     optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
-    ids = torch.from_numpy(data["input_ids"].astype(np.int64))
+    device = model.device
+    ids = torch.from_numpy(data["input_ids"].astype(np.int64)).to(device)
     labels = torch.full_like(ids, -100)
     t = ids.shape[1]
     labels[:, t - ANSWER:] = ids[:, t - ANSWER:]
-    inputs = {"input_ids": ids, "attention_mask": torch.from_numpy(data["attention_mask"].astype(np.int64)),
-              "pixel_values": torch.from_numpy(data["pixel_values"])}
+    inputs = {"input_ids": ids, "attention_mask": torch.from_numpy(data["attention_mask"].astype(np.int64)).to(device),
+              "pixel_values": torch.from_numpy(data["pixel_values"]).to(device, model.dtype)}
 
     def step():
         optimizer.zero_grad(set_to_none=True)

@@ -14,6 +14,8 @@ libraries agree before it times anything):
   finetune.py    full and LoRA finetuning steps (tokens/s) vs PyTorch + transformers
   probes.py      33-layer logistic probes vs scikit-learn
   loading.py     peak host memory while loading, orbax reload time
+  gpu.py         only where a CUDA GPU is visible: the llava-1.5-7b-shaped model in bf16 (prefill,
+                 logit lens, decoding, LoRA and full finetuning; tokens/s and MFU) vs transformers
 TransformerLens and nnsight are timed by interp_tools.py (the runner first reports whether each
 is installed); the other scripts compare vlm_jax with transformers alone.
 
@@ -38,6 +40,7 @@ FULL = [
     ("finetune", ["--steps", "5"]),
     ("probes", ["--repeats", "3"]),
     ("loading", ["--repeats", "3"]),
+    ("gpu", ["--repeats", "5"]),
 ]
 QUICK = [
     ("interp", ["--batches", "1", "--repeats", "2"]),
@@ -46,7 +49,17 @@ QUICK = [
     ("finetune", ["--steps", "2"]),
     ("probes", ["--repeats", "1"]),
     ("loading", ["--repeats", "1"]),
+    ("gpu", ["--repeats", "2", "--batch", "2", "--new-tokens", "16"]),
 ]
+
+
+def gpu_visible() -> bool:
+    """Whether torch sees a CUDA GPU (gpu.py compares both libraries on one)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def main() -> int:
@@ -65,8 +78,11 @@ def main() -> int:
     for name, extra in QUICK if args.quick else FULL:
         if args.only and name not in args.only:
             continue
+        if name == "gpu" and not gpu_visible():
+            print("\n===== gpu: skipped (no CUDA GPU visible)")
+            continue
         cmd = [sys.executable, os.path.join(HERE, f"{name}.py"), *extra]
-        if name != "probes":
+        if name not in ("probes", "gpu"):
             cmd += ["--workdir", args.workdir]
         print(f"\n===== {name}: {' '.join(cmd[1:])}", flush=True)
         start = time.perf_counter()
