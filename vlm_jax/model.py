@@ -23,7 +23,7 @@ from vlm_jax.inputs import Batch, Processor, as_numpy_inputs
 from vlm_jax.interp.edits import AttentionEdit, Edits, stack_edits, validate_against_inputs
 from vlm_jax.interp.sweep import first_edited_layers, shared_prefix_sweep
 from vlm_jax.models import llava
-from vlm_jax.nn.attention import default_fused_attention
+from vlm_jax.nn.attention import resolve_fused
 from vlm_jax.sharding import ShardingPlan, as_plan, mesh_context
 from vlm_jax.weights import Layout
 
@@ -204,7 +204,7 @@ class Model:
         """
         arrays = self._arrays(inputs)
         self._check_edits(edits, arrays, fused_attention)
-        fused = default_fused_attention() if fused_attention is None else fused_attention
+        fused = resolve_fused(fused_attention)
         with self.mesh_context():
             return llava.forward_jit(
                 self.params, self.config, self.place(arrays), capture=tuple(sorted(set(capture))), edits=edits,
@@ -224,7 +224,7 @@ class Model:
         arrays = self._arrays(inputs)
         first = jax.tree.map(lambda x: x[0], stacked)
         self._check_edits(first, arrays, fused_attention)
-        fused = default_fused_attention() if fused_attention is None else fused_attention
+        fused = resolve_fused(fused_attention)
         positions = None if logit_positions is None else jnp.asarray(logit_positions, jnp.int32)
         n_sets = jax.tree.leaves(stacked)[0].shape[0] if stacked.ops else 0
         starts = first_edited_layers(stacked, n_sets) if (stacked.ops and not capture and compute_logits) else None
@@ -253,7 +253,7 @@ class Model:
             tokens = gen.generate(
                 self.params, self.config, arrays, max_new_tokens, place=self.place,
                 sampling=gen.Sampling(do_sample, temperature, top_k, top_p), eos_token_ids=eos, pad_token_id=pad,
-                seed=seed, fused_attention=default_fused_attention() if fused_attention is None else fused_attention,
+                seed=seed, fused_attention=resolve_fused(fused_attention),
             )
         texts = self.processor.decode(tokens) if self.processor is not None else None
         return Generation(tokens, texts)
