@@ -118,7 +118,9 @@ def hf_lens_top5(hf, t_inputs: dict, positions) -> tuple:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="a tiny model (float32): a smoke run of this script")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model: a smoke run of this script")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"),
+                        help="default: bfloat16, float32 with --tiny (float32 checks tokens equal)")
     parser.add_argument("--batch", type=int, default=8, help="prompts per prefill / decode batch")
     parser.add_argument("--lens-batch", type=int, default=2)
     parser.add_argument("--train-batch", type=int, default=4)
@@ -142,10 +144,12 @@ def main() -> None:
     from vlm_jax.train import LoraConfig, TrainConfig, Trainer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.tiny:
-        jdtype, tdtype, tol, peak_n = jnp.float32, torch.float32, 1e-3, 512
-    else:
-        jdtype, tdtype, tol, peak_n = jnp.bfloat16, torch.bfloat16, 5e-2, 8192
+    dtype = args.dtype or ("float32" if args.tiny else "bfloat16")
+    exact = dtype == "float32"
+    # bf16: the libraries round differently, so outputs agree to bf16 precision only (a 2-layer
+    # bf16 model's last logits differ by 6e-3 relative; 32 layers add up more rounding)
+    jdtype, tdtype, tol = (jnp.float32, torch.float32, 1e-3) if exact else (jnp.bfloat16, torch.bfloat16, 1e-1)
+    peak_n = 512 if args.tiny else 8192
     fused = default_fused_attention()
     main_cfg, full_cfg = model_configs(args.tiny, args.full_text_layers)
     tag = "tiny" if args.tiny else "llava-1.5-7b"
@@ -246,7 +250,7 @@ def main() -> None:
         a, b_ = ours(), theirs()
         first = float(np.mean(a[:, 0] == b_[:, 0]))
         same = float(np.mean(a == b_))
-        if args.tiny:  # float32: token for token
+        if exact:  # float32: token for token
             assert same == 1.0, "vlm_jax and transformers generated different tokens"
         else:  # bf16: rounding differs between the libraries; the first token comes from the checked prefill
             assert first >= 0.5, f"first new tokens agree for only {first:.0%} of rows"
