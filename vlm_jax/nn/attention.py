@@ -14,6 +14,7 @@ the softmax was 4x slower on CPU).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -68,6 +69,76 @@ def _scores_softmax(qg, k, v, scale, bias, score_edit, want_pattern):
     return jnp.einsum("bkgts,bkse->bkgte", probs, v), (probs if want_pattern else None)
 
 
+def _block_scores(q_block, k, bias_block, scale):
+    """float32 scores [B, K, G, tb, s] of a query block against keys k [B, K, s, E], as
+    _scores_softmax computes them (product in the activation dtype, scaled, then the mask)."""
+    scores = jnp.einsum("bkgte,bkse->bkgts", q_block, k) * jnp.asarray(scale, q_block.dtype)
+    scores = scores.astype(jnp.promote_types(q_block.dtype, jnp.float32))
+    if bias_block is not None:
+        scores = scores + bias_block[:, :, None].astype(scores.dtype)
+    return scores
+
+
+def _causal_blocks_forward(qg, kt, vt, bias, scale, block):
+    """Causal attention, query block by query block against the keys up to the block's end.
+
+    qg [B, K, G, T, E], kt/vt [B, K, T, E], bias [B, 1, T, T] or None. Returns out
+    [B, K, G, T, E] and the float32 log-sum-exp of every query's scores [B, K, G, T] (what the
+    backward needs to rebuild the probabilities)."""
+    t_len = qg.shape[3]
+    outs, lses = [], []
+    for start in range(0, t_len, block):
+        end = min(start + block, t_len)
+        scores = _block_scores(qg[:, :, :, start:end], kt[:, :, :end], None if bias is None else
+                               bias[..., start:end, :end], scale)
+        top = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+        unnormalised = jnp.exp(scores - top)
+        total = jnp.sum(unnormalised, axis=-1, keepdims=True)
+        probs = (unnormalised / total).astype(qg.dtype)  # as jax.nn.softmax, then the dtype round
+        outs.append(jnp.einsum("bkgts,bkse->bkgte", probs, vt[:, :, :end]))
+        lses.append((top + jnp.log(total))[..., 0])
+    return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _causal_blocks(qg, kt, vt, bias, scale: float, block: int):
+    """The blocked causal attention with a flash-style backward (out [B, K, G, T, E]).
+
+    Autodiff through the blocks kept every block's probabilities and took ~4.7x the forward
+    for the backward on CPU (batch 2 x 601 tokens); the custom backward rebuilds each block's
+    probabilities from the saved log-sum-exp and needs five products per block."""
+    return _causal_blocks_forward(qg, kt, vt, bias, scale, block)[0]
+
+
+def _causal_blocks_fwd(qg, kt, vt, bias, scale, block):
+    out, lse = _causal_blocks_forward(qg, kt, vt, bias, scale, block)
+    return out, (qg, kt, vt, bias, out, lse)
+
+
+def _causal_blocks_bwd(scale, block, residuals, d_out):
+    qg, kt, vt, bias, out, lse = residuals
+    dtype, t_len = qg.dtype, qg.shape[3]
+    acc = jnp.promote_types(dtype, jnp.float32)
+    # D_t = sum_e dO_te O_te = sum_s P_ts dP_ts: the softmax backward's row term
+    row_term = jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1)  # [B, K, G, T]
+    d_q, d_k, d_v = [], jnp.zeros(kt.shape, acc), jnp.zeros(vt.shape, acc)
+    for start in range(0, t_len, block):
+        end = min(start + block, t_len)
+        q_block, d_out_block = qg[:, :, :, start:end], d_out[:, :, :, start:end]
+        scores = _block_scores(q_block, kt[:, :, :end], None if bias is None else bias[..., start:end, :end], scale)
+        probs = jnp.exp(scores - lse[:, :, :, start:end, None])  # float32, as in the forward
+        d_v = d_v.at[:, :, :end].add(jnp.einsum("bkgts,bkgte->bkse", probs.astype(dtype), d_out_block).astype(acc))
+        d_probs = jnp.einsum("bkgte,bkse->bkgts", d_out_block, vt[:, :, :end]).astype(acc)
+        d_scores = (probs * (d_probs - row_term[:, :, :, start:end, None]) * scale).astype(dtype)
+        d_q.append(jnp.einsum("bkgts,bkse->bkgte", d_scores, kt[:, :, :end]))
+        d_k = d_k.at[:, :, :end].add(jnp.einsum("bkgts,bkgte->bkse", d_scores, q_block).astype(acc))
+    d_bias = None if bias is None else jnp.zeros_like(bias)  # the mask is a constant
+    return jnp.concatenate(d_q, axis=3), d_k.astype(kt.dtype), d_v.astype(vt.dtype), d_bias
+
+
+_causal_blocks.defvjp(_causal_blocks_fwd, _causal_blocks_bwd)
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -115,14 +186,7 @@ def attention(
         out, probs = _scores_softmax(qg, kt, vt, scale, bias, score_edit, return_pattern)
     else:
         def causal_blocks(qg, kt, vt, bias):
-            outs = []
-            for start in range(0, t_len, causal_block):
-                end = min(start + causal_block, t_len)
-                block_bias = None if bias is None else bias[..., start:end, :end]
-                out_block, _ = _scores_softmax(qg[:, :, :, start:end], kt[:, :, :end], vt[:, :, :end], scale,
-                                               block_bias, None, False)
-                outs.append(out_block)
-            return jnp.concatenate(outs, axis=3)
+            return _causal_blocks(qg, kt, vt, bias, float(scale), causal_block)
 
         if batch == 1:
             out = causal_blocks(qg, kt, vt, bias)
