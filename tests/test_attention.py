@@ -1,4 +1,4 @@
-"""The blocked causal attention and its custom (flash-style) backward against plain autodiff."""
+"""The query-blocked attention and its custom (flash-style) backward against plain autodiff."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from vlm_jax.nn import attention as A
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_blocked_causal_attention_gradients_match_autodiff_of_the_unblocked_path(batch):
+@pytest.mark.parametrize("causal_block", [16, None])  # 16: causal blocks; None: one block (plain attention)
+def test_custom_backward_matches_autodiff_of_the_explicit_softmax(batch, causal_block):
     t_len, n_heads, n_kv, head_dim = 37, 4, 2, 8  # 37 tokens in blocks of 16: a ragged last block
     keys = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(keys[0], (batch, t_len, n_heads, head_dim))
@@ -25,15 +26,18 @@ def test_blocked_causal_attention_gradients_match_autodiff_of_the_unblocked_path
     # path looks at) and unused, so it is left out of the loss and the comparison.
     cotangent = cotangent * valid[:, :, None, None]
 
-    def loss(q, k, v, block):
-        out, _ = A.attention(q, k, v, scale=head_dim**-0.5, bias=bias, causal_block=block)
+    def loss(q, k, v, reference):
+        # return_pattern=True takes the explicit softmax, differentiated by autodiff
+        out, _ = A.attention(q, k, v, scale=head_dim**-0.5, bias=bias, causal_block=causal_block,
+                             return_pattern=reference)
         return jnp.sum(out * cotangent), out
 
-    (_, blocked), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, 16)
-    (_, plain), ref = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, None)
+    (_, got), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, False)
+    (_, want), ref = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, True)
     rows = np.asarray(valid)
-    np.testing.assert_allclose(np.asarray(blocked)[rows], np.asarray(plain)[rows], rtol=1e-5, atol=1e-6)
-    for name, got, want in zip("qkv", grads, ref):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"d{name}")
-    # the blocked path really took the custom backward (no autodiff through its blocks)
-    assert "custom_vjp_call" in str(jax.make_jaxpr(lambda q: loss(q, k, v, 16)[0])(q))
+    np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want)[rows], rtol=1e-5, atol=1e-6)
+    for name, g, r in zip("qkv", grads, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg=f"d{name}")
+    # the fast path really took the custom backward, and the reference did not
+    assert "custom_vjp_call" in str(jax.make_jaxpr(lambda q: loss(q, k, v, False)[0])(q))
+    assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda q: loss(q, k, v, True)[0])(q))

@@ -79,8 +79,10 @@ def _block_scores(q_block, k, bias_block, scale):
     return scores
 
 
-def _causal_blocks_forward(qg, kt, vt, bias, scale, block):
-    """Causal attention, query block by query block against the keys up to the block's end.
+def _blocked_attention_forward(qg, kt, vt, bias, scale, block):
+    """Attention query block by query block, each block against the keys up to its end: causal
+    attention with skipped work when block < T, plain attention over all keys when block >= T
+    (the bias does any masking).
 
     qg [B, K, G, T, E], kt/vt [B, K, T, E], bias [B, 1, T, T] or None. Returns out
     [B, K, G, T, E] and the float32 log-sum-exp of every query's scores [B, K, G, T] (what the
@@ -101,21 +103,21 @@ def _causal_blocks_forward(qg, kt, vt, bias, scale, block):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _causal_blocks(qg, kt, vt, bias, scale: float, block: int):
-    """The blocked causal attention with a flash-style backward (out [B, K, G, T, E]).
+def _blocked_attention(qg, kt, vt, bias, scale: float, block: int):
+    """_blocked_attention_forward's output [B, K, G, T, E], with a flash-style backward.
 
     Autodiff through the blocks kept every block's probabilities and took ~4.7x the forward
     for the backward on CPU (batch 2 x 601 tokens); the custom backward rebuilds each block's
     probabilities from the saved log-sum-exp and needs five products per block."""
-    return _causal_blocks_forward(qg, kt, vt, bias, scale, block)[0]
+    return _blocked_attention_forward(qg, kt, vt, bias, scale, block)[0]
 
 
-def _causal_blocks_fwd(qg, kt, vt, bias, scale, block):
-    out, lse = _causal_blocks_forward(qg, kt, vt, bias, scale, block)
+def _blocked_attention_fwd(qg, kt, vt, bias, scale, block):
+    out, lse = _blocked_attention_forward(qg, kt, vt, bias, scale, block)
     return out, (qg, kt, vt, bias, out, lse)
 
 
-def _causal_blocks_bwd(scale, block, residuals, d_out):
+def _blocked_attention_bwd(scale, block, residuals, d_out):
     qg, kt, vt, bias, out, lse = residuals
     dtype, t_len = qg.dtype, qg.shape[3]
     acc = jnp.promote_types(dtype, jnp.float32)
@@ -136,7 +138,7 @@ def _causal_blocks_bwd(scale, block, residuals, d_out):
     return jnp.concatenate(d_q, axis=3), d_k.astype(kt.dtype), d_v.astype(vt.dtype), d_bias
 
 
-_causal_blocks.defvjp(_causal_blocks_fwd, _causal_blocks_bwd)
+_blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 
 
 def attention(
@@ -182,11 +184,13 @@ def attention(
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, E]
     blocked = (causal_block is not None and t_len == s_len and t_len > causal_block
                and score_edit is None and not return_pattern)
-    if not blocked:
+    if not blocked and (score_edit is not None or return_pattern or t_len != s_len):
         out, probs = _scores_softmax(qg, kt, vt, scale, bias, score_edit, return_pattern)
+    elif not blocked:  # one block: plain attention, with the custom backward (e.g. the vision tower)
+        out, probs = _blocked_attention(qg, kt, vt, bias, float(scale), t_len), None
     else:
         def causal_blocks(qg, kt, vt, bias):
-            return _causal_blocks(qg, kt, vt, bias, float(scale), causal_block)
+            return _blocked_attention(qg, kt, vt, bias, float(scale), causal_block)
 
         if batch == 1:
             out = causal_blocks(qg, kt, vt, bias)
