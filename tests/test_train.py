@@ -123,8 +123,11 @@ def test_fused_attention_training_matches_the_explicit_path(model, random_llava,
     np.testing.assert_allclose([runs[0].losses[s] for s in (1, 2, 3)], [runs[1].losses[s] for s in (1, 2, 3)],
                                rtol=1e-5)
     a, b = (P.flatten(trainer.params(trainer.state)) for trainer in (explicit, fused))
+    # AdamW divides each gradient by its own running scale, so an element with a near-zero
+    # gradient still moves by up to ~lr (3e-3) per step: there the two paths' rounding shows
+    # (seen: 7e-6 on 2 of 24576 elements), hence an absolute tolerance well below one step.
     for path in a:
-        np.testing.assert_allclose(np.asarray(a[path]), np.asarray(b[path]), rtol=1e-4, atol=1e-6, err_msg=str(path))
+        np.testing.assert_allclose(np.asarray(a[path]), np.asarray(b[path]), rtol=1e-4, atol=5e-5, err_msg=str(path))
     # the flag reaches the forward: the two steps are different programs
     programs = [str(jax.make_jaxpr(t._step)(t.initial_state(), t.frozen, t.batch(0))) for t in (explicit, fused)]
     assert programs[0] != programs[1]
