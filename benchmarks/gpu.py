@@ -39,7 +39,8 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from common import forward_flops, lens_flops, machine, timed  # noqa: E402
 from finetune import ANSWER, batch_arrays, lora_torch, torch_step_fn  # noqa: E402
-from interp import make_inputs, rel_err  # noqa: E402
+from interp import hf_lens, jax_workloads, make_inputs, prepare, rel_err  # noqa: E402
+from interp_tools import stack_tops  # noqa: E402
 
 WORKLOADS = ("prefill", "lens", "decode", "lora", "full")
 
@@ -93,27 +94,9 @@ def text_only_flops(cfg, batch: int, tokens: int) -> float:
     return forward_flops(cfg, batch, tokens, images=0, logit_positions=0)
 
 
-def torch_inputs(inputs: dict, device, dtype) -> dict:
-    import torch
-
-    return {k: (torch.from_numpy(v).to(device, dtype) if v.dtype.kind == "f" else torch.from_numpy(v).to(device))
-            for k, v in inputs.items()}
-
-
-def hf_lens_top5(hf, t_inputs: dict, positions) -> tuple:
-    """transformers' all-layer logit lens at positions [B, P]: (values, indices) [L + 1, B, P, 5]."""
-    import torch
-
-    lm = hf.model.language_model
-    idx = torch.from_numpy(positions.astype(np.int64)).to(hf.device)
-    with torch.no_grad():
-        out = hf(**t_inputs, output_hidden_states=True, logits_to_keep=1)
-        tops = []
-        for layer, h in enumerate(out.hidden_states):
-            h = torch.gather(h, 1, idx[..., None].expand(-1, -1, h.shape[-1]))
-            h = h if layer == len(out.hidden_states) - 1 else lm.norm(h)  # the last state is already normed
-            tops.append(torch.topk(torch.softmax(hf.lm_head(h).float(), -1), 5))
-    return torch.stack([t.values for t in tops]), torch.stack([t.indices for t in tops])
+def on_device(t_inputs: dict, device, dtype) -> dict:
+    """prepare()'s torch inputs on `device`, floating-point ones (the pixels) cast to `dtype`."""
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in t_inputs.items()}
 
 
 def main() -> None:
@@ -138,7 +121,6 @@ def main() -> None:
     from transformers import LlavaForConditionalGeneration
 
     import vlm_jax as vj
-    from vlm_jax.interp.logit_lens import gather_positions, logit_lens, stack_residuals
     from vlm_jax.models import llava
     from vlm_jax.nn.attention import default_fused_attention
     from vlm_jax.train import LoraConfig, TrainConfig, Trainer
@@ -192,10 +174,9 @@ def main() -> None:
 
     if "prefill" in args.only:
         inputs = make_inputs(cfg, args.batch)
-        arrays = {k: jnp.asarray(v.astype(np.int32) if v.dtype == np.int64 else v) for k, v in inputs.items()}
-        t_in = torch_inputs(inputs, device, tdtype)
+        arrays, t_in, _, _, last = prepare(cfg, inputs)
+        t_in = on_device(t_in, device, tdtype)
         b, t_len = inputs["input_ids"].shape
-        last = jnp.full((b, 1), t_len - 1, jnp.int32)
         prefill = jax.jit(lambda p, a, last: llava.forward(p, cfg, a, logit_positions=last,
                                                            fused_attention=fused).logits)
         ours = np.asarray(prefill(model.params, arrays, last)[:, -1], np.float32)
@@ -211,24 +192,17 @@ def main() -> None:
 
     if "lens" in args.only:
         inputs = make_inputs(cfg, args.lens_batch)
-        arrays = {k: jnp.asarray(v.astype(np.int32) if v.dtype == np.int64 else v) for k, v in inputs.items()}
-        t_in = torch_inputs(inputs, device, tdtype)
-        positions = np.stack([np.nonzero(row)[0] for row in inputs["input_ids"] == cfg.image_token_id]).astype(np.int32)
-
-        @jax.jit
-        def lens(params, arrays, positions):
-            out = llava.forward(params, cfg, arrays, capture=("text.embed", "text.resid_post"), compute_logits=False,
-                                fused_attention=fused)
-            result = logit_lens(params, cfg, gather_positions(stack_residuals(out.acts), positions), k=5)
-            return result.top_probs, result.top_ids
-
-        probs, ids = (np.asarray(x) for x in lens(model.params, arrays, positions))
-        ref_probs, ref_ids = (x.cpu().numpy() for x in hf_lens_top5(hf, t_in, positions))
+        arrays, t_in, _, positions, _ = prepare(cfg, inputs)
+        t_in = on_device(t_in, device, tdtype)
+        lens = jax_workloads(cfg, fused)["lens"]
+        ids, probs = (np.asarray(x) for x in lens(model.params, arrays, positions))
+        ref_ids, ref_probs = stack_tops(hf_lens(hf, t_in, positions))
+        ref_ids, ref_probs = ref_ids.cpu().numpy(), ref_probs.float().cpu().numpy()
         agree = float(np.mean(ids[..., 0] == ref_ids[..., 0]))
         err = float(np.abs(probs.astype(np.float32) - ref_probs).max())
         assert err < tol, f"lens top-5 probabilities differ by {err:.2e}"
         t_ours = timed(lambda: jax.block_until_ready(lens(model.params, arrays, positions)), args.repeats)["median"]
-        t_hf = timed_torch(lambda: hf_lens_top5(hf, t_in, positions))
+        t_hf = timed_torch(lambda: hf_lens(hf, t_in, positions))
         b, t_len = inputs["input_ids"].shape
         n_states = cfg.text.num_layers + 1
         flops = forward_flops(cfg, b, t_len, b, logit_positions=0) + lens_flops(cfg, b, positions.shape[1], n_states)
@@ -237,7 +211,7 @@ def main() -> None:
 
     if "decode" in args.only:
         inputs = make_inputs(cfg, args.batch)
-        t_in = torch_inputs(inputs, device, tdtype)
+        t_in = on_device(prepare(cfg, inputs)[1], device, tdtype)
         n = args.new_tokens
         ours = lambda k=n: np.asarray(model.generate(inputs, k, eos_token_ids=()).tokens)  # noqa: E731
 

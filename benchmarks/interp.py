@@ -78,24 +78,26 @@ def prepare(cfg, inputs: dict) -> tuple:
     return arrays, t_inputs, image_mask, positions, last
 
 
-def jax_workloads(cfg) -> dict:
+def jax_workloads(cfg, fused: bool = False) -> dict:
     """The jitted vlm_jax workloads: forward -> logits [B, T, V]; capture -> (logits, acts with
     text.embed and text.resid_post); lens(params, arrays, positions [B, P]) -> top-5 (ids, probs),
-    each [L + 1, B, P, 5], with no logits computed for the forward itself."""
+    each [L + 1, B, P, 5], with no logits computed for the forward itself. fused: the fused
+    attention kernel (the accelerator benchmark; the CPU scripts keep the explicit path)."""
     import jax
 
     from vlm_jax.interp.logit_lens import gather_positions, logit_lens, stack_residuals
     from vlm_jax.models import llava
 
     def forward(params, arrays):
-        return llava.forward(params, cfg, arrays).logits
+        return llava.forward(params, cfg, arrays, fused_attention=fused).logits
 
     def capture(params, arrays):
-        out = llava.forward(params, cfg, arrays, capture=("text.embed", "text.resid_post"))
+        out = llava.forward(params, cfg, arrays, capture=("text.embed", "text.resid_post"), fused_attention=fused)
         return out.logits, out.acts
 
     def lens(params, arrays, positions):
-        out = llava.forward(params, cfg, arrays, capture=("text.embed", "text.resid_post"), compute_logits=False)
+        out = llava.forward(params, cfg, arrays, capture=("text.embed", "text.resid_post"), compute_logits=False,
+                            fused_attention=fused)
         states = gather_positions(stack_residuals(out.acts), positions)
         result = logit_lens(params, cfg, states, k=5)
         return result.top_ids, result.top_probs
@@ -133,7 +135,7 @@ def hf_lens(hf, t_inputs: dict, positions, logits_to_keep: int = 1) -> list:
     import torch
 
     lm = hf.model.language_model
-    idx = torch.from_numpy(positions.astype(np.int64))
+    idx = torch.from_numpy(positions.astype(np.int64)).to(hf.device)
     with torch.no_grad():
         out = hf(**t_inputs, output_hidden_states=True, logits_to_keep=logits_to_keep)
         n_layers = len(out.hidden_states) - 1

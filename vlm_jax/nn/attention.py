@@ -1,7 +1,9 @@
 """Scaled dot-product attention with grouped-query heads, in two interchangeable paths.
 
 * explicit: scores, float32 softmax, weighted sum; can return the pattern [B, H, T, S] and
-  is the path where attention edges can be edited;
+  is the path where attention edges can be edited. Without a pattern, an edit or a cache it
+  runs query block by query block (causal blocks skip the keys after them) with a custom,
+  flash-style backward (_blocked_attention);
 * fused: jax.nn.dot_product_attention (cuDNN flash attention on GPU), used when nothing
   needs the pattern.
 
@@ -52,10 +54,16 @@ def mask_to_bias(mask: jax.Array, dtype=jnp.float32) -> jax.Array:
     return jnp.where(mask, 0.0, jnp.finfo(dtype).min).astype(dtype)
 
 
+def _raw_scores(qg, k, scale):
+    """float32 (or wider) scores [B, K, G, T, S] before any edit or mask: the product in the
+    activation dtype, scaled, as transformers' eager attention computes it."""
+    scores = jnp.einsum("bkgte,bkse->bkgts", qg, k) * jnp.asarray(scale, qg.dtype)
+    return scores.astype(jnp.promote_types(qg.dtype, jnp.float32))
+
+
 def _scores_softmax(qg, k, v, scale, bias, score_edit, want_pattern):
     """qg [B, K, G, T, E], k/v [B, K, S, E] -> out [B, K, G, T, E], probs or None."""
-    scores = jnp.einsum("bkgte,bkse->bkgts", qg, k) * jnp.asarray(scale, qg.dtype)
-    scores = scores.astype(jnp.promote_types(qg.dtype, jnp.float32))
+    scores = _raw_scores(qg, k, scale)
     edit_probs = None
     if score_edit is not None:
         scores, edit_probs = score_edit(scores)
@@ -71,9 +79,8 @@ def _scores_softmax(qg, k, v, scale, bias, score_edit, want_pattern):
 
 def _block_scores(q_block, k, bias_block, scale):
     """float32 scores [B, K, G, tb, s] of a query block against keys k [B, K, s, E], as
-    _scores_softmax computes them (product in the activation dtype, scaled, then the mask)."""
-    scores = jnp.einsum("bkgte,bkse->bkgts", q_block, k) * jnp.asarray(scale, q_block.dtype)
-    scores = scores.astype(jnp.promote_types(q_block.dtype, jnp.float32))
+    _scores_softmax computes them (without edits), the mask added."""
+    scores = _raw_scores(q_block, k, scale)
     if bias_block is not None:
         scores = scores + bias_block[:, :, None].astype(scores.dtype)
     return scores
@@ -182,22 +189,17 @@ def attention(
     groups = n_heads // n_kv
     qg = q.reshape(batch, t_len, n_kv, groups, head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, E]
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, E]
-    blocked = (causal_block is not None and t_len == s_len and t_len > causal_block
-               and score_edit is None and not return_pattern)
-    if not blocked and (score_edit is not None or return_pattern or t_len != s_len):
+    if score_edit is not None or return_pattern or t_len != s_len:  # the explicit softmax
         out, probs = _scores_softmax(qg, kt, vt, scale, bias, score_edit, return_pattern)
-    elif not blocked:  # one block: plain attention, with the custom backward (e.g. the vision tower)
-        out, probs = _blocked_attention(qg, kt, vt, bias, float(scale), t_len), None
-    else:
-        def causal_blocks(qg, kt, vt, bias):
-            return _blocked_attention(qg, kt, vt, bias, float(scale), causal_block)
-
-        if batch == 1:
-            out = causal_blocks(qg, kt, vt, bias)
+    else:  # query blocks against the keys up to each block's end, or one block of all keys
+        block = causal_block if causal_block is not None and t_len > causal_block else t_len
+        if block == t_len or batch == 1:
+            out = _blocked_attention(qg, kt, vt, bias, float(scale), block)
         else:  # one sequence at a time keeps the blocks' scores in cache (2x faster on CPU at B=4)
             full_bias = None if bias is None else jnp.broadcast_to(bias, (batch, *bias.shape[1:]))
-            out = jax.lax.map(lambda x: causal_blocks(*(None if a is None else a[None] for a in x))[0],
-                              (qg, kt, vt, full_bias))
+            out = jax.lax.map(
+                lambda x: _blocked_attention(*(None if a is None else a[None] for a in x), float(scale), block)[0],
+                (qg, kt, vt, full_bias))
         probs = None
     out = out.transpose(0, 3, 1, 2, 4).reshape(batch, t_len, n_heads, head_dim)
     pattern = probs.reshape(batch, n_heads, t_len, s_len) if probs is not None else None
