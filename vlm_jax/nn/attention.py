@@ -54,11 +54,30 @@ def mask_to_bias(mask: jax.Array, dtype=jnp.float32) -> jax.Array:
     return jnp.where(mask, 0.0, jnp.finfo(dtype).min).astype(dtype)
 
 
+# Every product below runs as a 3-D batched matmul: one batch entry per (sequence, kv head), the
+# group's queries stacked as rows ("rows" layout [B*K, G*T, E], "heads" layout [B*K, S, E]).
+# Measured on XLA CPU against the same contractions written as 5-D einsums (one layer, 601
+# tokens, 8 heads, batch 1): causal attention 7.2 -> 5.4 ms, its gradient 21.7 -> 17.2 ms; the
+# scale, mask and row max fuse into the score product instead of following a copy of it. The
+# whole LLaVA-shaped CPU model's forward went 0.49 -> 0.39-0.41 s.
+
+
+def _rows(x):
+    """[B, K, G, T, E] -> [B*K, G*T, E]."""
+    b, kv, g, t, e = x.shape
+    return x.reshape(b * kv, g * t, e)
+
+
+def _heads(y):
+    """[B, K, S, E] -> [B*K, S, E]."""
+    return y.reshape(-1, *y.shape[2:])
+
+
 def _raw_scores(qg, k, scale):
     """float32 (or wider) scores [B, K, G, T, S] before any edit or mask: the product in the
     activation dtype, scaled, as transformers' eager attention computes it."""
-    scores = jnp.einsum("bkgte,bkse->bkgts", qg, k) * jnp.asarray(scale, qg.dtype)
-    return scores.astype(jnp.promote_types(qg.dtype, jnp.float32))
+    scores = jnp.einsum("nme,nse->nms", _rows(qg), _heads(k)) * jnp.asarray(scale, qg.dtype)
+    return scores.reshape(*qg.shape[:4], -1).astype(jnp.promote_types(qg.dtype, jnp.float32))
 
 
 def _scores_softmax(qg, k, v, scale, bias, score_edit, want_pattern):
@@ -74,16 +93,23 @@ def _scores_softmax(qg, k, v, scale, bias, score_edit, want_pattern):
     probs = jax.nn.softmax(scores, axis=-1).astype(qg.dtype)
     if edit_probs is not None:
         probs = edit_probs(probs)
-    return jnp.einsum("bkgts,bkse->bkgte", probs, v), (probs if want_pattern else None)
+    out = jnp.einsum("nms,nse->nme", _rows(probs), _heads(v)).reshape(qg.shape)
+    return out, (probs if want_pattern else None)
 
 
-def _block_scores(q_block, k, bias_block, scale):
-    """float32 scores [B, K, G, tb, s] of a query block against keys k [B, K, s, E], as
-    _scores_softmax computes them (without edits), the mask added."""
-    scores = _raw_scores(q_block, k, scale)
-    if bias_block is not None:
-        scores = scores + bias_block[:, :, None].astype(scores.dtype)
-    return scores
+def _block_scores(q_rows, k_heads, bias_block, scale, kv_heads):
+    """float32 scores [B*K, G*tb, s] of a block of queries (rows layout) against keys
+    [B*K, s, E], as _scores_softmax computes them (without edits), plus the block's mask
+    bias_block [B, 1, tb, s] (or None)."""
+    scores = jnp.einsum("nme,nse->nms", q_rows, k_heads) * jnp.asarray(scale, q_rows.dtype)
+    scores = scores.astype(jnp.promote_types(q_rows.dtype, jnp.float32))
+    if bias_block is None:
+        return scores
+    # added in a [B, K, G, tb, s] view: a mask broadcast to the rows layout would be materialised
+    n, m, s = scores.shape
+    tb = bias_block.shape[2]
+    view = scores.reshape(n // kv_heads, kv_heads, m // tb, tb, s) + bias_block[:, :, None].astype(scores.dtype)
+    return view.reshape(n, m, s)
 
 
 def _blocked_attention_forward(qg, kt, vt, bias, scale, block):
@@ -94,18 +120,20 @@ def _blocked_attention_forward(qg, kt, vt, bias, scale, block):
     qg [B, K, G, T, E], kt/vt [B, K, T, E], bias [B, 1, T, T] or None. Returns out
     [B, K, G, T, E] and the float32 log-sum-exp of every query's scores [B, K, G, T] (what the
     backward needs to rebuild the probabilities)."""
-    t_len = qg.shape[3]
+    batch, kv, groups, t_len, _ = qg.shape
+    k_heads, v_heads = _heads(kt), _heads(vt)
     outs, lses = [], []
     for start in range(0, t_len, block):
         end = min(start + block, t_len)
-        scores = _block_scores(qg[:, :, :, start:end], kt[:, :, :end], None if bias is None else
-                               bias[..., start:end, :end], scale)
+        scores = _block_scores(_rows(qg[:, :, :, start:end]), k_heads[:, :end],
+                               None if bias is None else bias[:, :, start:end, :end], scale, kv)
         top = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
         unnormalised = jnp.exp(scores - top)
         total = jnp.sum(unnormalised, axis=-1, keepdims=True)
         probs = (unnormalised / total).astype(qg.dtype)  # as jax.nn.softmax, then the dtype round
-        outs.append(jnp.einsum("bkgts,bkse->bkgte", probs, vt[:, :, :end]))
-        lses.append((top + jnp.log(total))[..., 0])
+        out = jnp.einsum("nms,nse->nme", probs, v_heads[:, :end])
+        outs.append(out.reshape(batch, kv, groups, end - start, -1))
+        lses.append((top + jnp.log(total)).reshape(batch, kv, groups, end - start))
     return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
 
 
@@ -126,23 +154,28 @@ def _blocked_attention_fwd(qg, kt, vt, bias, scale, block):
 
 def _blocked_attention_bwd(scale, block, residuals, d_out):
     qg, kt, vt, bias, out, lse = residuals
-    dtype, t_len = qg.dtype, qg.shape[3]
+    dtype = qg.dtype
+    batch, kv, groups, t_len, _ = qg.shape
     acc = jnp.promote_types(dtype, jnp.float32)
     # D_t = sum_e dO_te O_te = sum_s P_ts dP_ts: the softmax backward's row term
     row_term = jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1)  # [B, K, G, T]
-    d_q, d_k, d_v = [], jnp.zeros(kt.shape, acc), jnp.zeros(vt.shape, acc)
+    k_heads, v_heads = _heads(kt), _heads(vt)
+    d_q, d_k, d_v = [], jnp.zeros(k_heads.shape, acc), jnp.zeros(v_heads.shape, acc)
     for start in range(0, t_len, block):
         end = min(start + block, t_len)
-        q_block, d_out_block = qg[:, :, :, start:end], d_out[:, :, :, start:end]
-        scores = _block_scores(q_block, kt[:, :, :end], None if bias is None else bias[..., start:end, :end], scale)
-        probs = jnp.exp(scores - lse[:, :, :, start:end, None])  # float32, as in the forward
-        d_v = d_v.at[:, :, :end].add(jnp.einsum("bkgts,bkgte->bkse", probs.astype(dtype), d_out_block).astype(acc))
-        d_probs = jnp.einsum("bkgte,bkse->bkgts", d_out_block, vt[:, :, :end]).astype(acc)
-        d_scores = (probs * (d_probs - row_term[:, :, :, start:end, None]) * scale).astype(dtype)
-        d_q.append(jnp.einsum("bkgts,bkse->bkgte", d_scores, kt[:, :, :end]))
-        d_k = d_k.at[:, :, :end].add(jnp.einsum("bkgts,bkgte->bkse", d_scores, q_block).astype(acc))
+        q_rows, d_out_rows = _rows(qg[:, :, :, start:end]), _rows(d_out[:, :, :, start:end])
+        scores = _block_scores(q_rows, k_heads[:, :end], None if bias is None else bias[:, :, start:end, :end], scale,
+                               kv)
+        probs = jnp.exp(scores - lse[:, :, :, start:end].reshape(batch * kv, -1, 1))  # float32, as the forward
+        d_v = d_v.at[:, :end].add(jnp.einsum("nms,nme->nse", probs.astype(dtype), d_out_rows).astype(acc))
+        d_probs = jnp.einsum("nme,nse->nms", d_out_rows, v_heads[:, :end]).astype(acc)
+        row = row_term[:, :, :, start:end].reshape(batch * kv, -1, 1)
+        d_scores = (probs * (d_probs - row) * scale).astype(dtype)
+        d_q.append(jnp.einsum("nms,nse->nme", d_scores, k_heads[:, :end]).reshape(batch, kv, groups, end - start, -1))
+        d_k = d_k.at[:, :end].add(jnp.einsum("nms,nme->nse", d_scores, q_rows).astype(acc))
     d_bias = None if bias is None else jnp.zeros_like(bias)  # the mask is a constant
-    return jnp.concatenate(d_q, axis=3), d_k.astype(kt.dtype), d_v.astype(vt.dtype), d_bias
+    return (jnp.concatenate(d_q, axis=3), d_k.reshape(kt.shape).astype(kt.dtype),
+            d_v.reshape(vt.shape).astype(vt.dtype), d_bias)
 
 
 _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
