@@ -104,3 +104,24 @@ def forward_flops(cfg, batch: int, tokens: int, images: int, logit_positions: in
 def lens_flops(cfg, batch: int, positions: int, layers: int) -> float:
     """FLOPs of unembedding `positions` states per row at `layers` layers."""
     return float(batch * layers * positions * 2 * cfg.text.hidden_size * cfg.text.vocab_size)
+
+
+def train_step_flops(cfg, batch: int, tokens: int, images: int, answer_positions: int, lora: bool) -> float:
+    """Least FLOPs of one training step: the forward (logits only at the answer positions) and
+    the backward. Full finetuning forms every weight gradient as well as the gradients it passes
+    back (two products per weight: 3x the forward). LoRA on the text decoder passes gradients
+    back through the decoder's layers only (one product per weight); the adapters' own products
+    are a rounding error and not counted."""
+    forward = forward_flops(cfg, batch, tokens, images, logit_positions=answer_positions)
+    if not lora:
+        return 3 * forward
+    return forward + forward_flops(cfg, batch, tokens, images=0, logit_positions=answer_positions)
+
+
+def generation_flops(cfg, batch: int, prompt: int, new_tokens: int) -> float:
+    """FLOPs of greedy decoding: the prefill (logits at the last position) and new_tokens - 1
+    cached steps of one token each (every weight once, attention over the cache).
+    Decoding at small batch is bound by reading the weights, not by these FLOPs."""
+    prefill = forward_flops(cfg, batch, prompt, batch, logit_positions=1)
+    per_step = forward_flops(cfg, 1, 1, 0, logit_positions=1) + 4 * cfg.text.num_layers * cfg.text.hidden_size * prompt
+    return prefill + (new_tokens - 1) * batch * per_step

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine  # noqa: E402
+from common import machine, matmul_peak, train_step_flops  # noqa: E402
 from interp import build_model, make_inputs  # noqa: E402
 
 ANSWER = 6
@@ -140,14 +140,20 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
         n_trainable = sum(int(x.size) for x in trainer.initial_trainable.values())
         med = {k: statistics.median(v) for k, v in times.items()}
-        rows.append((variant, n_trainable, med["vlm_jax"], med["transformers"], first_ours))
+        b, t_len = data["input_ids"].shape
+        flops = train_step_flops(model.config, b, t_len, b, ANSWER, lora=variant == "lora")
+        rows.append((variant, n_trainable, med["vlm_jax"], med["transformers"], flops))
         del hf
+    peak = matmul_peak()
+    print(f"best float32 matmul: {peak['best'] / 1e9:.0f} GFLOP/s (jax {peak['jax'] / 1e9:.0f}, "
+          f"torch {peak.get('torch', 0) / 1e9:.0f}); floor = the step's least FLOPs at that rate")
     print("\n| variant | trainable params | vlm_jax step (s) | vlm_jax tokens/s | transformers step (s) "
-          "| transformers tokens/s | ratio |")
-    print("|---|---|---|---|---|---|---|")
-    for variant, n, ours, theirs, loss in rows:
+          "| transformers tokens/s | ratio | floor (s) | vlm_jax / floor | transformers / floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for variant, n, ours, theirs, flops in rows:
+        floor = flops / peak["best"]
         print(f"| {variant} | {n / 1e6:.2f}M | {ours:.3f} | {tokens / ours:.0f} | {theirs:.3f} | {tokens / theirs:.0f} "
-              f"| {theirs / ours:.2f}x |")
+              f"| {theirs / ours:.2f}x | {floor:.3f} | {ours / floor:.2f} | {theirs / floor:.2f} |")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ written once as a transformers folder so both libraries load the same tensors. I
 1 and 4, one image each, ~600 prompt tokens; N new tokens with no EOS stop (both libraries
 produce exactly N tokens). Before timing, both must produce the same tokens.
 
-Reported: median seconds for prefill + N tokens, new tokens/s, and the ratio; and the decode
-steps alone, from the same runs with 1 new token (prefill + first token) subtracted:
-(t_N - t_1) / (N - 1) per step, i.e. tokens/s of the cached decode loop without the prefill.
+Reported: median seconds for prefill + N tokens, new tokens/s, the ratio, and each library's
+time against the FLOP floor (prefill and N - 1 cached steps at the best measured matmul
+rate); and the decode steps alone, from the same runs with 1 new token (prefill + first
+token) subtracted: (t_N - t_1) / (N - 1) per step, i.e. tokens/s of the cached decode loop
+without the prefill.
 
     python benchmarks/generation.py [--batches 1 4] [--new-tokens 32] [--repeats 3]
 """
@@ -21,7 +23,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, timed, workload_parser  # noqa: E402
+from common import generation_flops, machine, matmul_peak, timed, workload_parser  # noqa: E402
 from interp import build_model, make_inputs  # noqa: E402
 
 
@@ -41,6 +43,9 @@ def main() -> None:
     hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     n = args.new_tokens
     print(f"machine: {machine()}\nmodel: {model}\nnew tokens: {n} (greedy, no EOS stop)\n")
+    peak = matmul_peak()["best"]
+    print(f"best float32 matmul: {peak / 1e9:.0f} GFLOP/s; floor = the FLOPs of prefill and decode steps at "
+          "that rate (decoding at small batch is bound by reading the weights, not by FLOPs)\n")
     rows = []
     for batch in args.batches:
         arrays = make_inputs(model.config, batch)
@@ -65,13 +70,16 @@ def main() -> None:
                "vlm_jax_tok_s": batch * n / t_ours, "transformers_tok_s": batch * n / t_hf,
                "speedup": t_hf / t_ours, "vlm_jax_first_token_s": t1_ours, "transformers_first_token_s": t1_hf,
                "vlm_jax_decode_step_s": step_ours, "transformers_decode_step_s": step_hf,
-               "decode_speedup": step_hf / step_ours}
+               "decode_speedup": step_hf / step_ours,
+               "floor_s": generation_flops(model.config, batch, arrays["input_ids"].shape[1], n) / peak}
         rows.append(row)
         print(f"batch {batch}: vlm_jax {t_ours:.3f}s ({row['vlm_jax_tok_s']:.1f} tok/s)  transformers "
               f"{t_hf:.3f}s ({row['transformers_tok_s']:.1f} tok/s)  -> {row['speedup']:.2f}x  [tokens equal]")
         print(f"  prefill + first token: vlm_jax {t1_ours:.3f}s, transformers {t1_hf:.3f}s; decode step: vlm_jax "
               f"{1e3 * step_ours:.1f} ms ({batch / step_ours:.0f} tok/s), transformers {1e3 * step_hf:.1f} ms "
               f"({batch / step_hf:.0f} tok/s) -> {step_hf / step_ours:.2f}x")
+        print(f"  FLOP floor {row['floor_s']:.3f}s: vlm_jax {t_ours / row['floor_s']:.2f}x it, transformers "
+              f"{t_hf / row['floor_s']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "rows": rows}, f, indent=2)

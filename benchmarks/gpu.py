@@ -37,7 +37,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import forward_flops, lens_flops, machine, timed  # noqa: E402
+from common import forward_flops, generation_flops, lens_flops, machine, timed, train_step_flops  # noqa: E402
 from finetune import ANSWER, batch_arrays, lora_torch, torch_step_fn  # noqa: E402
 from interp import hf_lens, jax_workloads, make_inputs, prepare, rel_err  # noqa: E402
 from interp_tools import stack_tops  # noqa: E402
@@ -87,11 +87,6 @@ def sync(device) -> None:
 
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def text_only_flops(cfg, batch: int, tokens: int) -> float:
-    """FLOPs of the text decoder's layers alone (no vision tower, projector or unembedding)."""
-    return forward_flops(cfg, batch, tokens, images=0, logit_positions=0)
 
 
 def on_device(t_inputs: dict, device, dtype) -> dict:
@@ -232,8 +227,7 @@ def main() -> None:
         t_hf = timed_torch(theirs)
         b, t_len = inputs["input_ids"].shape
         # decoding is memory bound: MFU is reported for completeness (prefill + n steps of one token)
-        flops = forward_flops(cfg, b, t_len, b, logit_positions=1) + n * b * (
-            forward_flops(cfg, 1, 1, 0, logit_positions=1) + 4 * cfg.text.num_layers * cfg.text.hidden_size * t_len)
+        flops = generation_flops(cfg, b, t_len, n)
         record("decode", t_ours, t_hf, flops, b * n, "tokens",
                f"first tokens agree {first:.2f}, all tokens {same:.2f}")
 
@@ -263,10 +257,7 @@ def main() -> None:
             t_ours = timed(ours_step, args.repeats)["median"]
             t_hf = timed(theirs_step, args.repeats)["median"]
         b, t_len = data["input_ids"].shape
-        fwd = forward_flops(cfg, b, t_len, b, logit_positions=ANSWER)
-        # backward: the frozen base still passes gradients back through the decoder (one product per
-        # weight); full finetuning also forms every weight gradient (two products per weight)
-        flops = fwd + (text_only_flops(cfg, b, t_len) if lora else 2 * fwd)
+        flops = train_step_flops(cfg, b, t_len, b, ANSWER, lora)
         record(name, t_ours, t_hf, flops, tokens, "tokens", f"first-step losses {loss_ours:.4f} / {loss_theirs:.4f}")
 
     if "lora" in args.only:

@@ -14,8 +14,8 @@ from vlm_jax.cli import main as cli_main
 from vlm_jax.demo import draw_shape_image
 from vlm_jax.probe.dense import fit_dense_heads, relative_depth_accuracy
 from vlm_jax.probe.features import ExtractionError, FeatureStore, extract_features
-from vlm_jax.probe.linear import (ProbeDataError, _fit_logistic_layers, evaluate, fit_logistic, fit_ridge,
-                                  r2_score)
+from vlm_jax.probe.linear import (ProbeConvergenceWarning, ProbeDataError, _fit_logistic_layers, evaluate,
+                                  fit_logistic, fit_ridge, r2_score)
 
 
 def planted(n=600, layers=6, d=32, classes=4, signal_layer=3, seed=0):
@@ -45,12 +45,12 @@ def test_vmapped_fit_equals_single_fits():
     weights[1, 50:100] = 0.0
     with jax.enable_x64(True):
         args = dict(n_classes=4, max_iter=1000, tol=1e-10)
-        W, b, _, _ = _fit_logistic_layers(jnp.asarray(X, jnp.float64), jnp.asarray(y), jnp.asarray(weights),
+        W, b, _, _, _ = _fit_logistic_layers(jnp.asarray(X, jnp.float64), jnp.asarray(y), jnp.asarray(weights),
                                           jnp.asarray(lambdas), **args)
         for layer in range(3):
             for fold in range(2):
                 for m in range(2):
-                    W1, b1, _, _ = _fit_logistic_layers(
+                    W1, b1, _, _, _ = _fit_logistic_layers(
                         jnp.asarray(X[layer:layer + 1], jnp.float64), jnp.asarray(y),
                         jnp.asarray(weights[fold:fold + 1]), jnp.asarray(lambdas[layer:layer + 1, m:m + 1]), **args)
                     np.testing.assert_allclose(np.asarray(W[layer, fold, m]), np.asarray(W1[0, 0, 0]), atol=1e-5)
@@ -75,6 +75,20 @@ def test_held_out_accuracy_matches_scikit_learn():
     theirs = (clf.predict(scaler.transform(X[test])) == y[test]).mean()
     assert abs(ours - theirs) <= 0.01
     assert ours > 0.8  # a separable task
+
+
+def test_solver_steps_are_reported_and_max_iter_warns():
+    X, y = planted(n=300, layers=3, d=16, signal_layer=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProbeConvergenceWarning)  # converges well within the default
+        probe = fit_logistic(X, y, lambdas=(1e-3,))
+    steps = np.asarray(probe.solver_steps)
+    assert steps.shape == (3, 2) and np.all(steps[:, 0] >= 1) and np.all(steps[:, 1] > steps[:, 0])
+    with pytest.warns(ProbeConvergenceWarning, match=r"layers \[0, 1, 2\] stopped at max_iter=2"):
+        short = fit_logistic(X, y, lambdas=(1e-3,), max_iter=2)
+    assert np.all(np.asarray(short.solver_steps)[:, 0] == 2)
+    chosen = fit_logistic(X, y, lambdas=(1e-4, 1e-2), folds=2)  # the refit's counts
+    assert np.asarray(chosen.solver_steps).shape == (3, 2)
 
 
 def test_lambda_selection_folds_and_reports():

@@ -6,7 +6,8 @@ every call), and optax's line search differentiates the loss itself. This minimi
 hand-written value_and_grad over a flat parameter vector; it uses the two-loop recursion with
 the last `memory` curvature pairs and a backtracking Armijo line search, and stops when the
 largest gradient entry is below `tol` (scikit-learn's lbfgs criterion) or after `max_iter`
-iterations.
+iterations. It also reports how many iterations and loss evaluations it took (the
+evaluations are the cost: each is a pass over the data).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import jax.numpy as jnp
 
 
 def minimize(value_and_grad: Callable, x0: jax.Array, *, max_iter: int = 200, tol: float = 1e-4,
-             memory: int = 10, max_backtracks: int = 20) -> tuple[jax.Array, jax.Array]:
-    """Minimises f from x0 [n]; value_and_grad(x) -> (f [], g [n]). Returns (x, iterations)."""  # noqa
+             memory: int = 10, max_backtracks: int = 20) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Minimises f from x0 [n]; value_and_grad(x) -> (f [], g [n]).
+
+    Returns (x [n], iterations [] int32, evaluations [] int32: calls of value_and_grad)."""
     n = x0.shape[0]
     # Keep x0 opaque to XLA: with a constant (e.g. zeros) starting point, XLA CPU (jaxlib 0.10)
     # miscompiles the fused dot + reduction of the first evaluation (max over X @ 0 gave -inf).
@@ -27,7 +30,7 @@ def minimize(value_and_grad: Callable, x0: jax.Array, *, max_iter: int = 200, to
     f0, g0 = value_and_grad(x0)
     dtype = x0.dtype
     state = dict(
-        x=x0, f=f0, g=g0, k=jnp.int32(0), m=jnp.int32(0),  # k: iterations, m: stored pairs
+        x=x0, f=f0, g=g0, k=jnp.int32(0), m=jnp.int32(0), evals=jnp.int32(1),  # k: iterations, m: stored pairs
         S=jnp.zeros((memory, n), dtype), Y=jnp.zeros((memory, n), dtype), rho=jnp.zeros((memory,), dtype),
     )
 
@@ -75,7 +78,7 @@ def minimize(value_and_grad: Callable, x0: jax.Array, *, max_iter: int = 200, to
             return t, f_new, g_new, tries + 1
 
         f1, g1 = value_and_grad(state["x"] + t0 * d)
-        t, f_new, g_new, _ = jax.lax.while_loop(armijo_fails, shrink, (t0, f1, g1, jnp.int32(0)))
+        t, f_new, g_new, backtracks = jax.lax.while_loop(armijo_fails, shrink, (t0, f1, g1, jnp.int32(0)))
         s = t * d
         y = g_new - state["g"]
         sy = jnp.dot(s, y)
@@ -85,7 +88,7 @@ def minimize(value_and_grad: Callable, x0: jax.Array, *, max_iter: int = 200, to
         Y = jnp.where(keep, state["Y"].at[slot].set(y), state["Y"])
         rho = jnp.where(keep, state["rho"].at[slot].set(1.0 / jnp.where(keep, sy, 1.0)), state["rho"])
         return dict(x=state["x"] + s, f=f_new, g=g_new, k=state["k"] + 1, m=state["m"] + keep.astype(jnp.int32),
-                    S=S, Y=Y, rho=rho)
+                    evals=state["evals"] + 1 + backtracks, S=S, Y=Y, rho=rho)
 
     final = jax.lax.while_loop(not_done, step, state)
-    return final["x"], final["k"]
+    return final["x"], final["k"], final["evals"]

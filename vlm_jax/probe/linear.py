@@ -15,6 +15,7 @@ Ridge probes are solved in closed form from one eigendecomposition per layer.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 
 import flax.struct
@@ -28,6 +29,10 @@ DEFAULT_LAMBDAS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 class ProbeDataError(ValueError):
     """Features or labels a probe cannot be fitted on."""
+
+
+class ProbeConvergenceWarning(UserWarning):
+    """A logistic probe's L-BFGS stopped at max_iter before its gradient fell below tol."""
 
 
 def check_features(X, y=None, *, classification: bool = True, name: str = "X") -> tuple[np.ndarray, np.ndarray | None]:
@@ -82,7 +87,7 @@ def _fit_logistic_one(XT, mean, scale, YT, weights, lam, max_iter: int, tol: flo
 
     XT [D, N] the raw features transposed, mean/scale [D] the standardisation, YT [C, N] one-hot
     labels transposed, weights [N], lam []. Returns W [D, C], b [C] (for standardised features)
-    minimising sum(weights * CE) / sum(weights) + lam / 2 ||W||^2 (intercept not penalised).
+    and the solver's [iterations, loss evaluations] [2], minimising sum(weights * CE) / sum(weights) + lam / 2 ||W||^2 (intercept not penalised).
     The standardisation is folded into the weights (W^T X^T / scale + b - (mean / scale) W), and
     both products of an iteration read X^T as a plain row-major operand: logits^T = W'^T X^T and
     the gradient X^T G.
@@ -101,8 +106,9 @@ def _fit_logistic_one(XT, mean, scale, YT, weights, lam, max_iter: int, tol: flo
         g_W = (XT @ G.T) / scale[:, None] - shift[:, None] * g_b[None, :] + lam * W
         return value, jnp.concatenate([g_W.reshape(-1), g_b])
 
-    x, _ = lbfgs.minimize(value_and_grad, jnp.zeros(d * n_classes + n_classes, XT.dtype), max_iter=max_iter, tol=tol)
-    return x[: d * n_classes].reshape(d, n_classes), x[d * n_classes:]
+    x, iterations, evaluations = lbfgs.minimize(value_and_grad, jnp.zeros(d * n_classes + n_classes, XT.dtype),
+                                                max_iter=max_iter, tol=tol)
+    return x[: d * n_classes].reshape(d, n_classes), x[d * n_classes:], jnp.stack([iterations, evaluations])
 
 
 @functools.partial(jax.jit, static_argnames=("n_classes", "max_iter"))
@@ -111,7 +117,7 @@ def _fit_logistic_layers(X, y, weights, lambdas, n_classes: int, max_iter: int, 
 
     Standardises each layer (statistics of all N examples), fits every (fold, strength) pair,
     and returns (W [L, F, M, D, C], b [L, F, M, C] for standardised features, mean [L, D],
-    scale [L, D]). Layers run one after another (lax.map), so a layer's X^T stays in cache
+    scale [L, D], counts [L, F, M, 2]: each fit's L-BFGS iterations and loss evaluations). Layers run one after another (lax.map), so a layer's X^T stays in cache
     across its iterations.
     """
     dtype = jnp.promote_types(X.dtype, jnp.float32)  # float64 inputs (with jax x64) stay float64
@@ -123,8 +129,7 @@ def _fit_logistic_layers(X, y, weights, lambdas, n_classes: int, max_iter: int, 
         # A single fit per layer runs unbatched: a vmapped while loop would select its whole
         # state on every iteration, which costs ~30% of the fit here.
         def over_folds(XT, mean, scale, YT, weights, lam):
-            W, b = fit(XT, mean, scale, YT, weights[0], lam[0])
-            return W[None, None], b[None, None]
+            return jax.tree.map(lambda a: a[None, None], fit(XT, mean, scale, YT, weights[0], lam[0]))
     else:
         over_lambdas = jax.vmap(fit, in_axes=(None, None, None, None, None, 0))
         over_folds = jax.vmap(over_lambdas, in_axes=(None, None, None, None, 0, None))
@@ -135,8 +140,8 @@ def _fit_logistic_layers(X, y, weights, lambdas, n_classes: int, max_iter: int, 
         # statistics from X^T's rows: contiguous reductions over a block that is already in cache
         mean, std = jnp.mean(XT, axis=1), jnp.std(XT, axis=1)
         scale = jnp.where(std > 1e-8, std, 1.0)
-        W, b = over_folds(XT, mean, scale, YT, weights, lam)
-        return W, b, mean, scale
+        W, b, counts = over_folds(XT, mean, scale, YT, weights, lam)
+        return W, b, mean, scale, counts
 
     return jax.lax.map(one_layer, (jnp.arange(X.shape[0]), lambdas))
 
@@ -171,6 +176,8 @@ class LinearProbe:
     lam: jax.Array  # [L] chosen L2 strength
     val_score: jax.Array  # [L, M] held-out accuracy (or R^2) of every candidate strength
     lambdas: jax.Array  # [M]
+    # [L, 2]: L-BFGS iterations and loss evaluations of each layer's final fit (logistic only)
+    solver_steps: jax.Array | None = None
     kind: str = flax.struct.field(pytree_node=False, default="logistic")
 
     def decision(self, X) -> jax.Array:
@@ -243,38 +250,44 @@ def fit_logistic(X, y, *, lambdas=DEFAULT_LAMBDAS, X_val=None, y_val=None, val_f
     lambdas = np.asarray(lambdas, np.float32).reshape(-1)
     n_layers, n = shape[:2]
 
-    def fit(weights, lam):  # -> W [L, F, M, D, C], b [L, F, M, C], mean, scale
+    def fit(weights, lam):  # -> W [L, F, M, D, C], b [L, F, M, C], mean, scale, counts [L, F, M, 2]
         return _fit_logistic_layers(Xj, yj, jnp.asarray(weights, jnp.float32), jnp.asarray(lam), n_classes,
                                     max_iter, tol)
 
     everything = np.ones((1, n), np.float32)
     if len(lambdas) == 1:
         chosen = np.full(n_layers, lambdas[0], np.float32)
-        W, b, mean, scale = fit(everything, chosen[:, None])
+        W, b, mean, scale, counts = fit(everything, chosen[:, None])
         _check_finite_stats(mean, scale)
-        W, b = W[:, 0, 0], b[:, 0, 0]
+        W, b, counts = W[:, 0, 0], b[:, 0, 0], counts[:, 0, 0]
         val_score = jnp.full((n_layers, 1), jnp.nan)
     else:
         if X_val is not None:
             X_val, y_val = check_features(X_val, y_val, name="X_val")
-            W_all, b_all, mean, scale = fit(everything, np.tile(lambdas, (n_layers, 1)))
+            W_all, b_all, mean, scale, counts_all = fit(everything, np.tile(lambdas, (n_layers, 1)))
             _check_finite_stats(mean, scale)
             val_score = _held_out_accuracy(jnp.asarray(X_val), jnp.asarray(y_val), W_all, b_all,
                                            jnp.ones((1, len(y_val))), mean, scale, n_classes)
         else:
             weights = _splits(n, y, val_fraction, folds, seed)
-            W_all, b_all, mean, scale = fit(weights, np.tile(lambdas, (n_layers, 1)))
+            W_all, b_all, mean, scale, counts_all = fit(weights, np.tile(lambdas, (n_layers, 1)))
             _check_finite_stats(mean, scale)
             val_score = _held_out_accuracy(Xj, yj, W_all, b_all, jnp.asarray(1.0 - weights), mean, scale, n_classes)
         best = np.asarray(jnp.argmax(val_score, axis=1))  # first (smallest) strength among ties
         chosen = lambdas[best]
         if refit or X_val is None:
-            W, b, _, _ = fit(everything, chosen[:, None])
-            W, b = W[:, 0, 0], b[:, 0, 0]
+            W, b, _, _, counts = fit(everything, chosen[:, None])
+            W, b, counts = W[:, 0, 0], b[:, 0, 0], counts[:, 0, 0]
         else:
-            W, b = W_all[np.arange(n_layers), 0, best], b_all[np.arange(n_layers), 0, best]
-    return LinearProbe(W, b, Standardizer(mean, scale), jnp.asarray(chosen), val_score,
-                       jnp.asarray(lambdas), "logistic")
+            rows = np.arange(n_layers)
+            W, b, counts = W_all[rows, 0, best], b_all[rows, 0, best], counts_all[rows, 0, best]
+    stopped = np.nonzero(np.asarray(counts[:, 0]) >= max_iter)[0]
+    if len(stopped):
+        warnings.warn(f"the logistic probes of layers {stopped.tolist()} stopped at max_iter={max_iter} before the "
+                      f"largest gradient entry fell below tol={tol}. Fix: raise max_iter, or loosen tol.",
+                      ProbeConvergenceWarning, stacklevel=2)
+    return LinearProbe(W, b, Standardizer(mean, scale), jnp.asarray(chosen), val_score, jnp.asarray(lambdas),
+                       solver_steps=counts, kind="logistic")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +342,7 @@ def fit_ridge(X, y, *, lambdas=DEFAULT_LAMBDAS, X_val=None, y_val=None, val_frac
     st, mean_y, W = fit(X, y2)
     W = jnp.take_along_axis(W, best[:, None, None, None], axis=1)[:, 0]
     b = jnp.broadcast_to(mean_y, (X.shape[0], y2.shape[1]))
-    return LinearProbe(W, b, st, lambdas[best], val_score, lambdas, "ridge")
+    return LinearProbe(W, b, st, lambdas[best], val_score, lambdas, kind="ridge")
 
 
 # ---------------------------------------------------------------------------------------------
