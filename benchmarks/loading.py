@@ -12,6 +12,7 @@ Writes a random LLaVA of about 1 GB (float32 safetensors), converts it once to a
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -87,12 +88,8 @@ def main() -> None:
 
     rows = []
     candidates = [("vlm_jax, safetensors folder", "vlm_jax", hf_dir), ("vlm_jax, converted (orbax)", "vlm_jax", conv_dir)]
-    try:
-        import torch  # noqa: F401
-
+    if importlib.util.find_spec("torch") is not None:  # transformers needs torch to load
         candidates.append(("transformers from_pretrained", "transformers", hf_dir))
-    except ImportError:
-        pass
     for label, which, path in candidates:
         runs = [run_child(which, path) for _ in range(args.repeats)]
         peak_over = statistics.median(r["peak"] - r["baseline"] for r in runs)

@@ -143,7 +143,8 @@ def main() -> None:
             for site in ("vision.features", "projector.out", "text.hidden_states"):
                 X = np.asarray(store.layers_first(site, "image_mean"))
                 probe = fit_logistic(X[:, train], labels[train], num_classes=int(labels.max()) + 1,
-                                     lambdas=(1e-4, 1e-3, 1e-2, 1e-1), folds=3 if train.sum() >= 9 else None)
+                                     lambdas=(1e-4, 1e-3, 1e-2, 1e-1), folds=3 if train.sum() >= 9 else None,
+                                     max_iter=1000)  # small, nearly separable sets converge slowly at 1e-4
                 probes[site] = evaluate(probe, X[:, test], labels[test]).accuracy
         results["fine_class_probe_accuracy"] = probes
         if probes:
