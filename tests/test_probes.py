@@ -46,7 +46,7 @@ def test_vmapped_fit_equals_single_fits():
     with jax.enable_x64(True):
         args = dict(n_classes=4, max_iter=1000, tol=1e-10)
         W, b, _, _, _ = _fit_logistic_layers(jnp.asarray(X, jnp.float64), jnp.asarray(y), jnp.asarray(weights),
-                                          jnp.asarray(lambdas), **args)
+                                             jnp.asarray(lambdas), **args)
         for layer in range(3):
             for fold in range(2):
                 for m in range(2):

@@ -73,11 +73,17 @@ def _heads(y):
     return y.reshape(-1, *y.shape[2:])
 
 
+def _row_scores(q_rows, k_heads, scale):
+    """float32 (or wider) scores [B*K, G*T, S] of queries [B*K, G*T, E] against keys
+    [B*K, S, E] before any edit or mask: the product in the activation dtype, scaled, as
+    transformers' eager attention computes it."""
+    scores = jnp.einsum("nme,nse->nms", q_rows, k_heads) * jnp.asarray(scale, q_rows.dtype)
+    return scores.astype(jnp.promote_types(q_rows.dtype, jnp.float32))
+
+
 def _raw_scores(qg, k, scale):
-    """float32 (or wider) scores [B, K, G, T, S] before any edit or mask: the product in the
-    activation dtype, scaled, as transformers' eager attention computes it."""
-    scores = jnp.einsum("nme,nse->nms", _rows(qg), _heads(k)) * jnp.asarray(scale, qg.dtype)
-    return scores.reshape(*qg.shape[:4], -1).astype(jnp.promote_types(qg.dtype, jnp.float32))
+    """_row_scores of qg [B, K, G, T, E] against k [B, K, S, E], as [B, K, G, T, S]."""
+    return _row_scores(_rows(qg), _heads(k), scale).reshape(*qg.shape[:4], -1)
 
 
 def _scores_softmax(qg, k, v, scale, bias, score_edit, want_pattern):
@@ -101,8 +107,7 @@ def _block_scores(q_rows, k_heads, bias_block, scale, kv_heads):
     """float32 scores [B*K, G*tb, s] of a block of queries (rows layout) against keys
     [B*K, s, E], as _scores_softmax computes them (without edits), plus the block's mask
     bias_block [B, 1, tb, s] (or None)."""
-    scores = jnp.einsum("nme,nse->nms", q_rows, k_heads) * jnp.asarray(scale, q_rows.dtype)
-    scores = scores.astype(jnp.promote_types(q_rows.dtype, jnp.float32))
+    scores = _row_scores(q_rows, k_heads, scale)
     if bias_block is None:
         return scores
     # added in a [B, K, G, tb, s] view: a mask broadcast to the rows layout would be materialised

@@ -87,7 +87,8 @@ def _fit_logistic_one(XT, mean, scale, YT, weights, lam, max_iter: int, tol: flo
 
     XT [D, N] the raw features transposed, mean/scale [D] the standardisation, YT [C, N] one-hot
     labels transposed, weights [N], lam []. Returns W [D, C], b [C] (for standardised features)
-    and the solver's [iterations, loss evaluations] [2], minimising sum(weights * CE) / sum(weights) + lam / 2 ||W||^2 (intercept not penalised).
+    and the solver's [iterations, loss evaluations] [2], minimising
+    sum(weights * CE) / sum(weights) + lam / 2 ||W||^2 (intercept not penalised).
     The standardisation is folded into the weights (W^T X^T / scale + b - (mean / scale) W), and
     both products of an iteration read X^T as a plain row-major operand: logits^T = W'^T X^T and
     the gradient X^T G.
@@ -117,8 +118,9 @@ def _fit_logistic_layers(X, y, weights, lambdas, n_classes: int, max_iter: int, 
 
     Standardises each layer (statistics of all N examples), fits every (fold, strength) pair,
     and returns (W [L, F, M, D, C], b [L, F, M, C] for standardised features, mean [L, D],
-    scale [L, D], counts [L, F, M, 2]: each fit's L-BFGS iterations and loss evaluations). Layers run one after another (lax.map), so a layer's X^T stays in cache
-    across its iterations.
+    scale [L, D], counts [L, F, M, 2]: each fit's L-BFGS iterations and loss evaluations).
+    Layers run one after another (lax.map), so a layer's X^T stays in cache across its
+    iterations.
     """
     dtype = jnp.promote_types(X.dtype, jnp.float32)  # float64 inputs (with jax x64) stay float64
     X = X.astype(dtype)
