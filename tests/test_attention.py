@@ -41,3 +41,23 @@ def test_custom_backward_matches_autodiff_of_the_explicit_softmax(batch, causal_
     # the fast path really took the custom backward, and the reference did not
     assert "custom_vjp_call" in str(jax.make_jaxpr(lambda q: loss(q, k, v, False)[0])(q))
     assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda q: loss(q, k, v, True)[0])(q))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_path_equals_the_explicit_one_with_fully_masked_queries(dtype):
+    # Generation left-pads prompts to a bucket, so some queries see no valid key at all. float32's
+    # minimum (the bias) overflows to -inf in bfloat16; unclipped, the fused path gave those rows
+    # NaN, which the cache carried to every later token.
+    batch, t_len, n_heads, n_kv, head_dim = 2, 12, 4, 2, 8
+    keys = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(keys[0], (batch, t_len, n_heads, head_dim), dtype)
+    k = jax.random.normal(keys[1], (batch, t_len, n_kv, head_dim), dtype)
+    v = jax.random.normal(keys[2], (batch, t_len, n_kv, head_dim), dtype)
+    valid = jnp.ones((batch, t_len), bool).at[1, :5].set(False)
+    index = jnp.arange(t_len)
+    bias = A.mask_to_bias(A.causal_mask(valid, index, index))  # float32, as the decoder builds it
+    fused, _ = A.attention(q, k, v, scale=head_dim**-0.5, bias=bias, fused=True)
+    explicit, _ = A.attention(q, k, v, scale=head_dim**-0.5, bias=bias, return_pattern=True)
+    assert np.isfinite(np.asarray(fused, np.float32)).all()
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(fused, np.float32), np.asarray(explicit, np.float32), rtol=tol, atol=tol)

@@ -221,7 +221,12 @@ def attention(
     if fused:
         if return_pattern or score_edit is not None:
             raise ValueError("the fused attention path cannot return the pattern or edit attention edges")
-        out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype), scale=scale)
+        if bias is not None:
+            # The kernels take the bias in the activation dtype. float32's minimum overflows to
+            # -inf in bfloat16, and a query with every key masked (left padding) then gets NaN,
+            # which spreads through the cache: clip to the dtype's own minimum, as eager does.
+            bias = jnp.maximum(bias, jnp.finfo(q.dtype).min).astype(q.dtype)
+        out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale)
         return out.astype(q.dtype), None
 
     groups = n_heads // n_kv
