@@ -61,3 +61,33 @@ def test_fused_path_equals_the_explicit_one_with_fully_masked_queries(dtype):
     assert np.isfinite(np.asarray(fused, np.float32)).all()
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(np.asarray(fused, np.float32), np.asarray(explicit, np.float32), rtol=tol, atol=tol)
+
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_cudnn_forward_xla_gradient_has_the_xla_kernels_gradients(with_bias):
+    # On GPU the fused path runs cuDNN's forward and XLA's backward (a custom_vjp). Here the
+    # forward is XLA's too, so values and gradients must equal plain autodiff of XLA's kernel.
+    batch, t_len, n_heads, n_kv, head_dim = 2, 9, 4, 2, 8
+    keys = jax.random.split(jax.random.key(2), 4)
+    q = jax.random.normal(keys[0], (batch, t_len, n_heads, head_dim))
+    k = jax.random.normal(keys[1], (batch, t_len, n_kv, head_dim))
+    v = jax.random.normal(keys[2], (batch, t_len, n_kv, head_dim))
+    cotangent = jax.random.normal(keys[3], (batch, t_len, n_heads, head_dim))
+    index = jnp.arange(t_len)
+    valid = jnp.ones((batch, t_len), bool).at[1, :3].set(False)
+    bias = A.mask_to_bias(A.causal_mask(valid, index, index)) if with_bias else None
+    scale = head_dim**-0.5
+
+    def loss(q, k, v, wrapped):
+        if wrapped:
+            out = A.cudnn_forward_xla_gradient(q, k, v, bias, scale, "xla")
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation="xla")
+        return jnp.sum(out * cotangent), out
+
+    (_, got), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)(q, k, v, True)
+    (_, want), ref = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, False)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    for name, g, r in zip("qkv", grads, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6, err_msg=f"d{name}")
