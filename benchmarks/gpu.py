@@ -106,7 +106,8 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=2,
                         help="sequences per finetuning step (4 ran out of memory on an 80 GB H100 for the 7B)")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--full-text-layers", type=int, default=8)
+    parser.add_argument("--full-text-layers", type=int, default=4,
+                        help="decoder layers of the `full` model (8 ran out of memory on an 80 GB H100 beside transformers' copy)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     parser.add_argument("--workdir", default="/tmp/vlm_jax_gpu_bench")
@@ -131,13 +132,16 @@ def main() -> None:
     jdtype, tdtype, tol = (jnp.float32, torch.float32, 1e-3) if exact else (jnp.bfloat16, torch.bfloat16, 1e-1)
     peak_n = 512 if args.tiny else 8192
     fused = default_fused_attention()
+    xla_only = os.environ.get("VLM_JAX_FUSED_ATTENTION", "").lower() == "xla"
+    kernel = ("explicit" if not fused else "fused, XLA" if xla_only or device.type != "cuda"
+              else "fused: cuDNN forward, XLA gradient")
     main_cfg, full_cfg = model_configs(args.tiny, args.full_text_layers)
     tag = "tiny" if args.tiny else "llava-1.5-7b"
     peak = matmul_peak(peak_n, device, jdtype, tdtype)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "no GPU"
     print(f"machine: {machine()}; {gpu}; torch {torch.__version__}; jax devices {jax.devices()}")
     print(f"best {jnp.dtype(jdtype).name} matmul ({peak_n}^3): {peak['best'] / 1e12:.2f} TFLOP/s (jax {peak['jax'] / 1e12:.1f}, "
-          f"torch {peak['torch'] / 1e12:.1f}); vlm_jax attention: {'fused' if fused else 'explicit'}")
+          f"torch {peak['torch'] / 1e12:.1f}); vlm_jax attention: {kernel}")
     results = []
 
     def record(workload, ours, theirs, flops, unit_count, unit, note=""):
