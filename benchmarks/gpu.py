@@ -107,7 +107,8 @@ def main() -> None:
                         help="sequences per finetuning step (4 ran out of memory on an 80 GB H100 for the 7B)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--full-text-layers", type=int, default=4,
-                        help="decoder layers of the `full` model (8 ran out of memory on an 80 GB H100 beside transformers' copy)")
+                        help="decoder layers of the `full` model (8 ran out of memory on an 80 GB H100 beside "
+                             "transformers' copy)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     parser.add_argument("--workdir", default="/tmp/vlm_jax_gpu_bench")

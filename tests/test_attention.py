@@ -86,8 +86,9 @@ def test_cudnn_forward_xla_gradient_has_the_xla_kernels_gradients(with_bias):
             out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation="xla")
         return jnp.sum(out * cotangent), out
 
-    (_, got), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)(q, k, v, True)
-    (_, want), ref = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, False)
+    grad_fn = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+    (_, got), grads = jax.jit(grad_fn, static_argnums=3)(q, k, v, True)
+    (_, want), ref = grad_fn(q, k, v, False)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     for name, g, r in zip("qkv", grads, ref):
         np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6, err_msg=f"d{name}")

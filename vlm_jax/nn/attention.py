@@ -50,10 +50,10 @@ def _fused_kernel(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | No
 def cudnn_forward_xla_gradient(q, k, v, bias, scale: float, forward_implementation: str):
     """Attention computed by `forward_implementation`, differentiated through XLA's kernel.
 
-    cuDNN's backward with a mask has narrower rules than its forward (even lengths; a bias
-    gradient it may refuse to build), which no GPU run here has checked yet; XLA's backward
-    is the measured one (benchmarks/RESULTS.md: the LoRA and full steps). Under grad the forward
-    runs through XLA too, so the saved residuals match its backward.
+    cuDNN's backward with a mask has narrower rules than its forward: on an H100 it refused the
+    601-token sequences (even lengths only), and whether it builds the mask's gradient is
+    unchecked. XLA's backward is the measured one (benchmarks/RESULTS.md: the LoRA and full
+    steps). Under grad the forward runs through XLA too, so the saved residuals match its backward.
     """
     return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=forward_implementation)
 
