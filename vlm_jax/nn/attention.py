@@ -4,8 +4,8 @@
   is the path where attention edges can be edited. Without a pattern, an edit or a cache it
   runs query block by query block (causal blocks skip the keys after them) with a custom,
   flash-style backward (_blocked_attention);
-* fused: jax.nn.dot_product_attention (cuDNN flash attention on GPU), used when nothing
-  needs the pattern.
+* fused: jax.nn.dot_product_attention, used when nothing needs the pattern. On GPU its
+  forward is cuDNN's flash kernel and its gradient XLA's (see _fused_kernel).
 
 Both follow transformers' eager attention numerics (scores in the activation dtype, scaled,
 plus the additive mask, softmax in float32, rounded back before the weighted sum) and agree
