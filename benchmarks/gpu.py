@@ -122,7 +122,7 @@ def main() -> None:
 
     import vlm_jax as vj
     from vlm_jax.models import llava
-    from vlm_jax.nn.attention import default_fused_attention
+    from vlm_jax.nn.attention import default_fused_attention, fused_forward_kernel
     from vlm_jax.train import LoraConfig, TrainConfig, Trainer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -133,9 +133,7 @@ def main() -> None:
     jdtype, tdtype, tol = (jnp.float32, torch.float32, 1e-3) if exact else (jnp.bfloat16, torch.bfloat16, 1e-1)
     peak_n = 512 if args.tiny else 8192
     fused = default_fused_attention()
-    xla_only = os.environ.get("VLM_JAX_FUSED_ATTENTION", "").lower() == "xla"
-    kernel = ("explicit" if not fused else "fused, XLA" if xla_only or device.type != "cuda"
-              else "fused: cuDNN forward, XLA gradient")
+    kernel = f"fused: {fused_forward_kernel(jdtype, 2)} forward, XLA gradient" if fused else "explicit"
     main_cfg, full_cfg = model_configs(args.tiny, args.full_text_layers)
     tag = "tiny" if args.tiny else "llava-1.5-7b"
     peak = matmul_peak(peak_n, device, jdtype, tdtype)

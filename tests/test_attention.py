@@ -63,7 +63,6 @@ def test_fused_path_equals_the_explicit_one_with_fully_masked_queries(dtype):
     np.testing.assert_allclose(np.asarray(fused, np.float32), np.asarray(explicit, np.float32), rtol=tol, atol=tol)
 
 
-
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_cudnn_forward_xla_gradient_has_the_xla_kernels_gradients(with_bias):
     # On GPU the fused path runs cuDNN's forward and XLA's backward (a custom_vjp). Here the

@@ -5,7 +5,7 @@
   runs query block by query block (causal blocks skip the keys after them) with a custom,
   flash-style backward (_blocked_attention);
 * fused: jax.nn.dot_product_attention, used when nothing needs the pattern. On GPU its
-  forward is cuDNN's flash kernel and its gradient XLA's (see _fused_kernel).
+  forward is cuDNN's flash kernel and its gradient XLA's (see fused_forward_kernel).
 
 Both follow transformers' eager attention numerics (scores in the activation dtype, scaled,
 plus the additive mask, softmax in float32, rounded back before the weighted sum) and agree
@@ -30,18 +30,22 @@ def default_fused_attention() -> bool:
     return jax.default_backend() in ("gpu", "tpu")
 
 
-def _fused_kernel(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, scale: float) -> jax.Array:
-    """jax.nn.dot_product_attention, with cuDNN's flash kernel where it applies.
-
-    The kernel is picked explicitly: implementation=None always means XLA's materialised
-    softmax. On GPU, bf16/fp16 prompts (T > 1) run cuDNN's kernel forward (68% against 58% MFU
-    for the 7B's prefill on an H100, benchmarks/RESULTS.md) and differentiate through XLA's
-    (see cudnn_forward_xla_gradient); single-token decode steps keep XLA's path.
-    VLM_JAX_FUSED_ATTENTION=xla forces XLA's path everywhere.
+def fused_forward_kernel(dtype, query_len: int) -> str:
+    """'cudnn' or 'xla': the kernel the fused path's forward runs for queries of this dtype and
+    length. implementation=None would always mean XLA's materialised softmax, so the kernel is
+    picked here: on GPU, bf16/fp16 prompts (T > 1) run cuDNN's flash kernel (68% against 58% MFU
+    for the 7B's prefill on an H100, benchmarks/RESULTS.md); single-token decode steps keep XLA's.
+    VLM_JAX_FUSED_ATTENTION=xla forces XLA's kernel everywhere.
     """
-    wants_cudnn = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[1] > 1
-                   and os.environ.get("VLM_JAX_FUSED_ATTENTION", "").lower() != "xla")
-    if wants_cudnn:
+    use_cudnn = (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and query_len > 1
+                 and os.environ.get("VLM_JAX_FUSED_ATTENTION", "").lower() != "xla")
+    return "cudnn" if use_cudnn else "xla"
+
+
+def _fused_kernel(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, scale: float) -> jax.Array:
+    """jax.nn.dot_product_attention with fused_forward_kernel's kernel; gradients always go
+    through XLA's (cudnn_forward_xla_gradient)."""
+    if fused_forward_kernel(q.dtype, q.shape[1]) == "cudnn":
         return cudnn_forward_xla_gradient(q, k, v, bias, scale, "cudnn")
     return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation="xla")
 
@@ -58,13 +62,9 @@ def cudnn_forward_xla_gradient(q, k, v, bias, scale: float, forward_implementati
     return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=forward_implementation)
 
 
-def _xla_attention_vjp(q, k, v, bias, scale):
-    return jax.vjp(lambda q, k, v, b: jax.nn.dot_product_attention(q, k, v, bias=b, scale=scale,
-                                                                   implementation="xla"), q, k, v, bias)
-
-
 def _cudnn_forward_xla_gradient_fwd(q, k, v, bias, scale, forward_implementation):
-    return _xla_attention_vjp(q, k, v, bias, scale)
+    return jax.vjp(lambda q, k, v, b: jax.nn.dot_product_attention(q, k, v, bias=b, scale=scale, implementation="xla"),
+                   q, k, v, bias)
 
 
 def _cudnn_forward_xla_gradient_bwd(scale, forward_implementation, vjp, cotangent):

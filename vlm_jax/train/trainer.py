@@ -78,7 +78,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     remat: bool = True
     # None: the fused attention kernel (jax.nn.dot_product_attention; under grad on GPU it runs
-    # XLA's kernel, see nn.attention._fused_kernel) on accelerators, the explicit path on CPU;
+    # XLA's kernel, see nn.attention.fused_forward_kernel) on accelerators, the explicit path on CPU;
     # True/False to choose
     fused_attention: bool | None = None
     token_bucket: int = 64
