@@ -14,8 +14,8 @@ from vlm_jax.cli import main as cli_main
 from vlm_jax.demo import draw_shape_image
 from vlm_jax.probe.dense import fit_dense_heads, relative_depth_accuracy
 from vlm_jax.probe.features import ExtractionError, FeatureStore, extract_features
-from vlm_jax.probe.linear import (ProbeConvergenceWarning, ProbeDataError, _fit_logistic_layers, evaluate,
-                                  fit_logistic, fit_ridge, r2_score)
+from vlm_jax.probe.linear import (ProbeConvergenceWarning, ProbeDataError, _fit_logistic_layers, _transposed_layer,
+                                  evaluate, fit_logistic, fit_ridge, r2_score)
 
 
 def planted(n=600, layers=6, d=32, classes=4, signal_layer=3, seed=0):
@@ -32,6 +32,15 @@ def test_probes_recover_a_signal_planted_at_one_layer():
     acc = evaluate(probe, X[:, 450:], y[450:]).accuracy
     assert acc[3] > 0.9
     assert np.all(np.delete(acc, 3) < 0.45)  # 4 classes: chance is ~0.25
+
+
+@pytest.mark.parametrize("n", [24, 29])  # whole blocks of 8 rows, and a remainder of 5
+def test_transposed_layer_is_the_exact_transpose(n):
+    import jax
+    X = np.random.default_rng(0).standard_normal((3, n, 7)).astype(np.float32)
+    for layer in range(3):
+        XT = jax.jit(_transposed_layer)(jnp.asarray(X), layer)
+        np.testing.assert_array_equal(np.asarray(XT), X[layer].T)
 
 
 def test_vmapped_fit_equals_single_fits():
