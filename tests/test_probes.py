@@ -34,7 +34,7 @@ def test_probes_recover_a_signal_planted_at_one_layer():
     assert np.all(np.delete(acc, 3) < 0.45)  # 4 classes: chance is ~0.25
 
 
-@pytest.mark.parametrize("n", [24, 29])  # whole blocks of 8 rows, and a remainder of 5
+@pytest.mark.parametrize("n", [24, 29, 5])  # whole blocks of 8 rows, a remainder of 5, fewer rows than a block
 def test_transposed_layer_is_the_exact_transpose(n):
     import jax
     X = np.random.default_rng(0).standard_normal((3, n, 7)).astype(np.float32)

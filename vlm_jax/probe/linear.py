@@ -161,6 +161,7 @@ def _transposed_layer(X, layer, rows: int = 8):
     costs seconds of compile time (see benchmarks/RESULTS.md).
     """
     n, d = X.shape[1], X.shape[2]
+    rows = min(rows, n)  # the loop body is traced even when it runs zero times
     whole_blocks = n // rows
 
     def move_block(i, XT):
