@@ -157,22 +157,18 @@ def _transposed_layer(X, layer, rows: int = 8):
     of X is read once, transposed while it sits in L1, and written into its columns of X^T in
     place. Transposing 8 large blocks and joining them (the previous version) took ~12 ms per
     layer; with this loop a whole 33-layer call with max_iter=0 (transpositions, statistics, one
-    evaluation) went from 0.48 s to 0.14 s. Unrolling hundreds of small blocks is as fast but
-    costs seconds of compile time (see benchmarks/RESULTS.md).
+    evaluation) went from 0.48 s to 0.14 s. Unrolling hundreds of small blocks is nearly as fast
+    (0.16-0.18 s) but costs seconds of compile time (see benchmarks/RESULTS.md).
     """
     n, d = X.shape[1], X.shape[2]
-    rows = min(rows, n)  # the loop body is traced even when it runs zero times
-    whole_blocks = n // rows
+    rows = min(rows, n)
 
     def move_block(i, XT):
-        block = jax.lax.dynamic_slice(X, (layer, i * rows, 0), (1, rows, d))[0]
-        return jax.lax.dynamic_update_slice(XT, block.T, (0, i * rows))
+        start = jnp.minimum(i * rows, n - rows)  # when rows does not divide n, the last block overlaps
+        block = jax.lax.dynamic_slice(X, (layer, start, 0), (1, rows, d))[0]
+        return jax.lax.dynamic_update_slice(XT, block.T, (0, start))
 
-    XT = jax.lax.fori_loop(0, whole_blocks, move_block, jnp.zeros((d, n), X.dtype))
-    if n % rows:
-        tail = jax.lax.dynamic_slice(X, (layer, whole_blocks * rows, 0), (1, n - whole_blocks * rows, d))[0]
-        XT = jax.lax.dynamic_update_slice(XT, tail.T, (0, whole_blocks * rows))
-    return XT
+    return jax.lax.fori_loop(0, -(-n // rows), move_block, jnp.zeros((d, n), X.dtype))
 
 
 @flax.struct.dataclass
