@@ -77,9 +77,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     remat: bool = True
-    # None: the fused attention kernel (jax.nn.dot_product_attention; under grad on GPU it runs
-    # XLA's kernel, see nn.attention.fused_forward_kernel) on accelerators, the explicit path on CPU;
-    # True/False to choose
+    # None: the fused attention kernel (jax.nn.dot_product_attention; on GPU its forward is cuDNN's
+    # and its gradient XLA's, see nn.attention.fused_forward_kernel) on accelerators, the explicit
+    # path on CPU; True/False to choose
     fused_attention: bool | None = None
     token_bucket: int = 64
     mesh: str | None = None  # e.g. "fsdp=4,tensor=2": load and train sharded (vlm_jax.sharding)
