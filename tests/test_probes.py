@@ -30,7 +30,9 @@ def test_probes_recover_a_signal_planted_at_one_layer():
     X, y = planted()
     probe = fit_logistic(X[:, :450], y[:450])
     acc = evaluate(probe, X[:, 450:], y[450:]).accuracy
-    assert acc[3] > 0.9
+    # a separable signal, 450 training examples: ~0.9 on 150 test examples (0.90-0.91 depending on
+    # which of two strengths tied on the held-out split is picked)
+    assert acc[3] > 0.85
     assert np.all(np.delete(acc, 3) < 0.45)  # 4 classes: chance is ~0.25
 
 
@@ -44,7 +46,11 @@ def test_transposed_layer_is_the_exact_transpose(n):
 
 
 def test_vmapped_fit_equals_single_fits():
-    """Layers x folds x L2 strengths in one call == each fitted alone (float64, to convergence)."""
+    """Layers x folds x L2 strengths in one call == each fitted alone (float64, to convergence).
+
+    In one call, each fold's strengths run as a warm-started path (strongest first, given here in
+    the other order); alone, each fit starts from zero. The path must reach the same optima, in
+    fewer iterations."""
     import jax
 
     X, y = planted(n=200, layers=3, d=16, signal_layer=1)
@@ -54,16 +60,22 @@ def test_vmapped_fit_equals_single_fits():
     weights[1, 50:100] = 0.0
     with jax.enable_x64(True):
         args = dict(n_classes=4, max_iter=1000, tol=1e-10)
-        W, b, _, _, _ = _fit_logistic_layers(jnp.asarray(X, jnp.float64), jnp.asarray(y), jnp.asarray(weights),
-                                             jnp.asarray(lambdas), **args)
+        W, b, _, _, counts = _fit_logistic_layers(jnp.asarray(X, jnp.float64), jnp.asarray(y), jnp.asarray(weights),
+                                                  jnp.asarray(lambdas), **args)
+        alone_iterations = np.zeros(2)  # per strength, over layers and folds
         for layer in range(3):
             for fold in range(2):
                 for m in range(2):
-                    W1, b1, _, _, _ = _fit_logistic_layers(
+                    W1, b1, _, _, counts1 = _fit_logistic_layers(
                         jnp.asarray(X[layer:layer + 1], jnp.float64), jnp.asarray(y),
                         jnp.asarray(weights[fold:fold + 1]), jnp.asarray(lambdas[layer:layer + 1, m:m + 1]), **args)
                     np.testing.assert_allclose(np.asarray(W[layer, fold, m]), np.asarray(W1[0, 0, 0]), atol=1e-5)
                     np.testing.assert_allclose(np.asarray(b[layer, fold, m]), np.asarray(b1[0, 0, 0]), atol=1e-5)
+                    alone_iterations[m] += int(counts1[0, 0, 0, 0])
+        path_iterations = np.asarray(counts)[..., 0].sum(axis=(0, 1))
+        assert path_iterations[1] == alone_iterations[1]  # the strongest (1e-2) starts from zero either way
+        # 1e-3 starts from 1e-2's solution: 757 against 845 iterations at this tight tolerance
+        assert path_iterations[0] < 0.95 * alone_iterations[0]
 
 
 def test_held_out_accuracy_matches_scikit_learn():
