@@ -45,7 +45,7 @@ def test_transposed_layer_is_the_exact_transpose(n):
         np.testing.assert_array_equal(np.asarray(XT), X[layer].T)
 
 
-def test_vmapped_fit_equals_single_fits():
+def test_one_call_fit_equals_single_fits():
     """Layers x folds x L2 strengths in one call == each fitted alone (float64, to convergence).
 
     In one call, each fold's strengths run as a warm-started path (strongest first, given here in
