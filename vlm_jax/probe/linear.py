@@ -140,6 +140,7 @@ def _fit_logistic_layers(X, y, weights, lambdas, n_classes: int, max_iter: int, 
         mean, std = jnp.mean(XT, axis=1), jnp.std(XT, axis=1)
         scale = jnp.where(std > 1e-8, std, 1.0)
         strongest_first = jnp.argsort(-lam)
+        back = jnp.argsort(strongest_first)  # from the path's order to lam's
 
         def path(fold_weights):  # -> W [M, D, C], b [M, C], counts [M, 2], in the order of lam
             def next_strength(start, lam_m):
@@ -148,7 +149,6 @@ def _fit_logistic_layers(X, y, weights, lambdas, n_classes: int, max_iter: int, 
 
             start = (jnp.zeros((d, n_classes), dtype), jnp.zeros((n_classes,), dtype))
             _, (W, b, counts) = jax.lax.scan(next_strength, start, lam[strongest_first])
-            back = jnp.argsort(strongest_first)
             return W[back], b[back], counts[back]
 
         W, b, counts = jax.lax.map(path, weights)
