@@ -23,7 +23,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from vlm_jax.probe import lbfgs
+from vlm_jax.probe import cpu_kernel, lbfgs
 
 DEFAULT_LAMBDAS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -83,68 +83,102 @@ class Standardizer:
 # logistic
 
 
-def _fit_logistic_one(XT, mean, scale, YT, weights, lam, W0, b0, max_iter: int, tol: float):
+def _xla_data_term(XT, YT, share):
+    """The data term from XLA's products: (W' [D, C], bias [C]) -> (loss [], X^T G [D, C], sum_n G [C]).
+
+    XT [D, N] the raw features transposed, YT [C, N] one-hot labels transposed, share [N]. Both
+    products read X^T as a plain row-major operand: logits^T = W'^T X^T and the gradient X^T G^T.
+    """
+
+    def data_term(W_raw, bias):
+        logits_t = W_raw.T @ XT + bias[:, None]  # [C, N]
+        logp = jax.nn.log_softmax(logits_t, axis=0)
+        loss = -jnp.sum(share * jnp.sum(YT * logp, axis=0))
+        G = (jnp.exp(logp) - YT) * share[None, :]  # d loss / d logits, [C, N]
+        return loss, XT @ G.T, jnp.sum(G, axis=1)
+
+    return data_term
+
+
+def _kernel_data_term(X, layer, y, share):
+    """The same data term from the fused CPU kernel (probe/cpu_kernel.py), on X [L, N, D] as it is."""
+
+    def data_term(W_raw, bias):
+        return cpu_kernel.logistic_eval(X, layer, W_raw, bias, y, share)
+
+    return data_term
+
+
+def _fit_logistic_one(data_term, d, n_classes, mean, scale, lam, W0, b0, max_iter: int, tol: float):
     """One softmax regression on standardised features, without materialising them.
 
-    XT [D, N] the raw features transposed, mean/scale [D] the standardisation, YT [C, N] one-hot
-    labels transposed, weights [N], lam [], and the starting point W0 [D, C], b0 [C]. Returns
-    W [D, C], b [C] (for standardised features) and the solver's [iterations, loss evaluations]
-    [2], minimising
-    sum(weights * CE) / sum(weights) + lam / 2 ||W||^2 (intercept not penalised).
-    The standardisation is folded into the weights (W^T X^T / scale + b - (mean / scale) W), and
-    both products of an iteration read X^T as a plain row-major operand: logits^T = W'^T X^T and
-    the gradient X^T G.
+    data_term(W' [D, C], bias [C]) -> (loss [], X^T G [D, C], sum_n G [C]) evaluates the mean
+    cross-entropy of logits W'^T x_n + bias on the raw features x_n, weighted by the fold's
+    example shares (summing to 1), with G = d loss / d logits. mean/scale [D] are the standardisation, lam []
+    the L2 strength, W0 [D, C], b0 [C] the starting point. Returns W [D, C], b [C] (for
+    standardised features) and the solver's [iterations, loss evaluations] [2], minimising
+    sum(share * CE) + lam / 2 ||W||^2 (intercept not penalised).
+    The standardisation is folded into the weights: W' = W / scale, bias = b - (mean / scale) W.
     """
-    d, n_classes = XT.shape[0], YT.shape[0]
-    share = weights / jnp.sum(weights)
     shift = mean / scale
 
     def value_and_grad(x):
         W, b = x[: d * n_classes].reshape(d, n_classes), x[d * n_classes:]
-        logits_t = (W / scale[:, None]).T @ XT + (b - shift @ W)[:, None]  # [C, N]
-        logp = jax.nn.log_softmax(logits_t, axis=0)
-        value = -jnp.sum(share * jnp.sum(YT * logp, axis=0)) + 0.5 * lam * jnp.sum(jnp.square(W))
-        G = (jnp.exp(logp) - YT) * share[None, :]  # d loss / d logits, [C, N]
-        g_b = jnp.sum(G, axis=1)
-        g_W = (XT @ G.T) / scale[:, None] - shift[:, None] * g_b[None, :] + lam * W
+        loss, gx, g_b = data_term(W / scale[:, None], b - shift @ W)
+        value = loss + 0.5 * lam * jnp.sum(jnp.square(W))
+        g_W = gx / scale[:, None] - shift[:, None] * g_b[None, :] + lam * W
         return value, jnp.concatenate([g_W.reshape(-1), g_b])
 
-    x0 = jnp.concatenate([W0.reshape(-1), b0]).astype(XT.dtype)
+    x0 = jnp.concatenate([W0.reshape(-1), b0]).astype(mean.dtype)
     x, iterations, evaluations = lbfgs.minimize(value_and_grad, x0, max_iter=max_iter, tol=tol)
     return x[: d * n_classes].reshape(d, n_classes), x[d * n_classes:], jnp.stack([iterations, evaluations])
 
 
-@functools.partial(jax.jit, static_argnames=("n_classes", "max_iter"))
-def _fit_logistic_layers(X, y, weights, lambdas, n_classes: int, max_iter: int, tol: float):
+@functools.partial(jax.jit, static_argnames=("n_classes", "max_iter", "use_kernel"))
+def _fit_logistic_layers(X, y, weights, lambdas, n_classes: int, max_iter: int, tol: float, use_kernel: bool = False):
     """X [L, N, D] raw features; weights [F, N] (one row per fold/split); lambdas [L, M].
 
     Standardises each layer (statistics of all N examples), fits every (fold, strength) pair,
     and returns (W [L, F, M, D, C], b [L, F, M, C] for standardised features, mean [L, D],
     scale [L, D], counts [L, F, M, 2]: each fit's L-BFGS iterations and loss evaluations).
-    Layers run one after another (lax.map), so a layer's X^T stays in cache across all of its
-    fits. Within a fold, the strengths run from the strongest to the weakest, each fit starting
+    Layers run one after another (lax.map), so a layer's features stay in cache across all of
+    its fits. Within a fold, the strengths run from the strongest to the weakest, each fit starting
     from the previous one's solution (a regularisation path): a warm start needs fewer
     iterations, and one unbatched fit at a time avoids what a vmapped while loop costs (it
     selects its whole state on every iteration, and runs every fit until the slowest is done).
+    use_kernel (float32 on CPU): evaluate with the fused CPU kernel on X itself; otherwise with
+    XLA's products on a transposed copy of each layer.
     """
     dtype = jnp.promote_types(X.dtype, jnp.float32)  # float64 inputs (with jax x64) stay float64
     X = X.astype(dtype)
     d = X.shape[2]
-    YT = jax.nn.one_hot(y, n_classes, dtype=dtype).T
-    fit = functools.partial(_fit_logistic_one, max_iter=max_iter, tol=tol)
+    YT = None if use_kernel else jax.nn.one_hot(y, n_classes, dtype=dtype).T
+    labels = y.astype(jnp.int32)
 
     def one_layer(xs):
         layer, lam = xs
-        XT = _transposed_layer(X, layer)
-        # statistics from X^T's rows: contiguous reductions over a block that is already in cache
-        mean, std = jnp.mean(XT, axis=1), jnp.std(XT, axis=1)
+        if use_kernel:
+            rows = jax.lax.dynamic_index_in_dim(X, layer, keepdims=False)  # [N, D]
+            mean, std = jnp.mean(rows, axis=0), jnp.std(rows, axis=0)
+        else:
+            XT = _transposed_layer(X, layer)
+            # statistics from X^T's rows: contiguous reductions over a block that is already in cache
+            mean, std = jnp.mean(XT, axis=1), jnp.std(XT, axis=1)
         scale = jnp.where(std > 1e-8, std, 1.0)
         strongest_first = jnp.argsort(-lam)
         back = jnp.argsort(strongest_first)  # from the path's order to lam's
 
         def path(fold_weights):  # -> W [M, D, C], b [M, C], counts [M, 2], in the order of lam
+            share = fold_weights / jnp.sum(fold_weights)
+            if use_kernel:
+                data_term = _kernel_data_term(X, layer, labels, share.astype(dtype))
+            else:
+                data_term = _xla_data_term(XT, YT, share)
+            fit = functools.partial(_fit_logistic_one, data_term, d, n_classes, mean, scale, max_iter=max_iter,
+                                    tol=tol)
+
             def next_strength(start, lam_m):
-                W, b, counts = fit(XT, mean, scale, YT, fold_weights, lam_m, *start)
+                W, b, counts = fit(lam_m, *start)
                 return (W, b), (W, b, counts)
 
             start = (jnp.zeros((d, n_classes), dtype), jnp.zeros((n_classes,), dtype))
@@ -239,6 +273,16 @@ def _check_finite_stats(mean, scale, name="X"):
                              "those examples or re-extract the features.")
 
 
+def _kernel_applies(X: jax.Array) -> bool:
+    """Whether probes on X use the fused CPU kernel: float32 (or narrower) features on CPU devices,
+    and the kernel builds on this machine (probe/cpu_kernel.py)."""
+    if jnp.promote_types(X.dtype, jnp.float32) != jnp.float32:
+        return False
+    if any(device.platform != "cpu" for device in X.devices()):
+        return False
+    return cpu_kernel.available()
+
+
 def fit_logistic(X, y, *, lambdas=DEFAULT_LAMBDAS, X_val=None, y_val=None, val_fraction: float = 0.2,
                  folds: int | None = None, num_classes: int | None = None, max_iter: int = 200, tol: float = 1e-4,
                  seed: int = 0, refit: bool = True) -> LinearProbe:
@@ -264,9 +308,11 @@ def fit_logistic(X, y, *, lambdas=DEFAULT_LAMBDAS, X_val=None, y_val=None, val_f
     lambdas = np.asarray(lambdas, np.float32).reshape(-1)
     n_layers, n = shape[:2]
 
+    use_kernel = _kernel_applies(Xj)
+
     def fit(weights, lam):  # -> W [L, F, M, D, C], b [L, F, M, C], mean, scale, counts [L, F, M, 2]
         return _fit_logistic_layers(Xj, yj, jnp.asarray(weights, jnp.float32), jnp.asarray(lam), n_classes,
-                                    max_iter, tol)
+                                    max_iter, tol, use_kernel)
 
     everything = np.ones((1, n), np.float32)
     if len(lambdas) == 1:

@@ -1,0 +1,125 @@
+"""The fused CPU kernel for logistic probes (probe/cpu_kernel.py): against a float64 reference,
+inside the fit, and what happens where it cannot be built."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlm_jax.probe import cpu_kernel, linear
+from vlm_jax.probe.linear import _fit_logistic_layers, evaluate, fit_logistic
+
+needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
+                                    reason="no C++ compiler on this machine to build the kernel")
+
+
+def reference(X, W, bias, labels, share):
+    """The data term in float64 numpy: (loss, X^T G, sum_n G)."""
+    X, W, bias = (np.asarray(a, np.float64) for a in (X, W, bias))
+    z = X @ W + bias
+    z -= z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    onehot = np.eye(W.shape[1])[labels]
+    loss = -np.sum(share * logp[np.arange(len(labels)), labels])
+    G = (np.exp(logp) - onehot) * share[:, None]
+    return loss, X.T @ G, G.sum(axis=0)
+
+
+@needs_compiler
+@pytest.mark.parametrize("n, d, classes", [
+    (3000, 1024, 8),  # the probe benchmark's shape
+    (203, 37, 3),  # a partial block, a partial tile of examples, a partial tile of rows, padded classes
+    (77, 64, 11),  # two class vectors
+    (5, 9, 2),  # fewer examples than a tile
+])
+def test_kernel_matches_a_float64_reference(n, d, classes):
+    assert cpu_kernel.available()
+    rng = np.random.default_rng(n)
+    X = rng.standard_normal((3, n, d)).astype(np.float32)
+    W = (rng.standard_normal((d, classes)) / np.sqrt(d)).astype(np.float32)
+    bias = rng.standard_normal(classes).astype(np.float32)
+    labels = rng.integers(0, classes, n).astype(np.int32)
+    weights = rng.uniform(0.5, 1.5, n) * (rng.uniform(size=n) > 0.2)  # some examples held out
+    share = (weights / weights.sum()).astype(np.float32)
+    for layer in (0, 2):
+        loss, gx, gb = jax.jit(cpu_kernel.logistic_eval)(jnp.asarray(X), layer, jnp.asarray(W), jnp.asarray(bias),
+                                                        jnp.asarray(labels), jnp.asarray(share))
+        ref_loss, ref_gx, ref_gb = reference(X[layer], W, bias, labels, share.astype(np.float64))
+        np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(gx), ref_gx, atol=1e-5 * np.abs(ref_gx).max())
+        np.testing.assert_allclose(np.asarray(gb), ref_gb, atol=1e-6)
+
+
+@needs_compiler
+def test_fit_with_the_kernel_equals_the_fit_with_xla_products():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 300)
+    X = rng.standard_normal((3, 300, 40)).astype(np.float32)
+    X[1] += 0.8 * rng.standard_normal((5, 40)).astype(np.float32)[y]  # a signal at layer 1
+    X[2] = 3.0 * X[2] + 7.0  # features that need the standardisation
+    weights = np.ones((2, 300), np.float32)
+    weights[0, :60] = 0.0
+    weights[1, 60:120] = 0.0
+    # both stop at a gradient below tol = 1e-5: at these strengths the optima then agree to ~1e-4
+    lambdas = np.tile(np.float32([1e-1, 1e-2]), (3, 1))
+    args = (jnp.asarray(X), jnp.asarray(y), jnp.asarray(weights), jnp.asarray(lambdas), 5, 1000, 1e-5)
+    W_k, b_k, mean_k, scale_k, counts_k = _fit_logistic_layers(*args, use_kernel=True)
+    W_x, b_x, mean_x, scale_x, counts_x = _fit_logistic_layers(*args, use_kernel=False)
+    np.testing.assert_allclose(np.asarray(mean_k), np.asarray(mean_x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(scale_k), np.asarray(scale_x), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(W_k), np.asarray(W_x), atol=3e-4)
+    np.testing.assert_allclose(np.asarray(b_k), np.asarray(b_x), atol=3e-4)
+    assert np.all(np.asarray(counts_k)[..., 0] < 1000) and np.all(np.asarray(counts_x)[..., 0] < 1000)
+
+
+@needs_compiler
+def test_fit_logistic_uses_the_kernel_for_float32_features_on_cpu():
+    assert linear._kernel_applies(jnp.zeros((2, 10, 4), jnp.float32))
+    assert linear._kernel_applies(jnp.zeros((2, 10, 4), jnp.bfloat16))  # fitted in float32
+    with jax.enable_x64(True):
+        assert not linear._kernel_applies(jnp.zeros((2, 10, 4), jnp.float64))  # float64 fits use XLA's products
+
+
+def fake_compiler(directory, body: str) -> str:
+    path = os.path.join(directory, "fake-c++")
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\n" + body)
+    os.chmod(path, os.stat(path).st_mode | stat.S_IEXEC)
+    return path
+
+
+@pytest.mark.parametrize("compiler", ["missing", "fails after writing"])
+def test_a_kernel_that_cannot_be_built_leaves_nothing_and_probes_still_fit(tmp_path, monkeypatch, compiler):
+    if compiler == "missing":
+        monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    else:  # writes a partial library, then fails
+        script = 'for a; do case "$prev" in -o) echo partial > "$a";; esac; prev="$a"; done\nexit 1\n'
+        monkeypatch.setenv("CXX", fake_compiler(str(tmp_path), script))
+    monkeypatch.setenv("VLM_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_kernel, "_status", {})
+    with pytest.warns(cpu_kernel.KernelBuildWarning, match="could not be built"):
+        assert not cpu_kernel.available()
+    assert not cpu_kernel.library_path().exists()
+    leftovers = list((tmp_path / "cache").rglob("*")) if (tmp_path / "cache").exists() else []
+    assert [p for p in leftovers if p.is_file()] == []
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 400)
+    X = rng.standard_normal((2, 400, 12)).astype(np.float32)
+    X[1] += 1.5 * rng.standard_normal((3, 12)).astype(np.float32)[y]
+    probe = fit_logistic(X[:, :300], y[:300], lambdas=(1e-3,))  # XLA's products
+    accuracy = evaluate(probe, X[:, 300:], y[300:]).accuracy
+    assert accuracy[1] > 0.9 and accuracy[0] < 0.5
+
+
+def test_the_kernel_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("VLM_JAX_CPU_KERNELS", "0")
+    monkeypatch.setattr(cpu_kernel, "_status", {})
+    assert not cpu_kernel.available()
+    assert not linear._kernel_applies(jnp.zeros((1, 4, 3), jnp.float32))

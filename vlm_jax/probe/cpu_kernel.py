@@ -1,0 +1,117 @@
+"""The fused CPU kernel for logistic-probe evaluations (kernels/logistic_eval.cc), as a JAX op.
+
+`logistic_eval(X, layer, W, bias, labels, share)` computes one evaluation of a softmax probe's
+data term in one pass over a layer's features: the loss, X^T G and the column sums of G (see the
+.cc file). It runs as an XLA FFI custom call on the CPU backend. XLA's own products read the
+features twice per evaluation and, for the logits, at about half the matmul rate; the kernel
+reads them once and needs no transposed copy (benchmarks/RESULTS.md has the measurements).
+
+The kernel is compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`) for the
+machine's own instruction set, and cached under `$VLM_JAX_CACHE` (default ~/.cache/vlm_jax),
+keyed by the source, the compiler flags, jaxlib's version and the CPU. Where it cannot be built
+(no compiler), `available()` says so once with a warning and the probes use XLA's products;
+`VLM_JAX_CPU_KERNELS=0` turns the kernel off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+TARGET = "vlm_jax_logistic_eval"
+SOURCE = Path(__file__).parent / "kernels" / "logistic_eval.cc"
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-w")
+
+_lock = threading.Lock()
+_status: dict[str, object] = {}  # "ok": bool, "library": the loaded library (kept alive)
+
+
+class KernelBuildWarning(UserWarning):
+    """The CPU kernel could not be built; probes fall back to XLA's products (slower on CPU)."""
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def library_path() -> Path:
+    """Where the compiled kernel for this machine is (or will be) cached."""
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), jaxlib.__version__.encode(),
+                 _cpu_signature().encode(), os.environ.get("CXX", "c++").encode()):
+        key.update(part)
+        key.update(b"\0")
+    cache = Path(os.environ.get("VLM_JAX_CACHE", Path.home() / ".cache" / "vlm_jax"))
+    return cache / "kernels" / f"logistic_eval-{key.hexdigest()[:16]}.so"
+
+
+def _build(target: Path) -> None:
+    """Compiles the kernel into `target`, atomically: a failed or interrupted build leaves nothing there."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler found ({compiler!r}); install one (e.g. g++) or set $CXX")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+        os.replace(built, target)
+
+
+def available() -> bool:
+    """Builds (once per machine, cached), loads and registers the kernel; False if it cannot."""
+    with _lock:
+        if "ok" in _status:
+            return bool(_status["ok"])
+        if os.environ.get("VLM_JAX_CPU_KERNELS", "1") == "0":
+            _status["ok"] = False
+            return False
+        try:
+            path = library_path()
+            if not path.exists():
+                _build(path)
+            library = ctypes.cdll.LoadLibrary(str(path))
+            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.VlmJaxLogisticEval), platform="cpu")
+        except Exception as error:  # noqa: BLE001 - any failure means: use XLA's products
+            warnings.warn(f"the fused CPU kernel for logistic probes could not be built, so probes use XLA's "
+                          f"products (slower on CPU). Cause: {error}", KernelBuildWarning, stacklevel=3)
+            _status["ok"] = False
+            return False
+        _status.update(ok=True, library=library)
+        return True
+
+
+def logistic_eval(X: jax.Array, layer: jax.Array, W: jax.Array, bias: jax.Array, labels: jax.Array,
+                  share: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One evaluation of a softmax probe's data term on layer `layer` of X [L, N, D] (float32).
+
+    W [D, C] and bias [C] act on X's raw rows: z_n = W^T x_n + bias. labels [N] int32,
+    share [N] example weights summing to 1. Returns (loss [], gx [D, C], gb [C]):
+    loss = -sum_n share_n log softmax(z_n)[labels_n], gx = sum_n x_n g_n^T, gb = sum_n g_n,
+    with g_n = share_n (softmax(z_n) - onehot(labels_n)). Call `available()` first.
+    """
+    d, n_classes = W.shape
+    out = (jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((d, n_classes), jnp.float32),
+           jax.ShapeDtypeStruct((n_classes,), jnp.float32))
+    call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
+    return call(X, jnp.asarray(layer, jnp.int32), W, bias, labels.astype(jnp.int32), share)
