@@ -108,8 +108,12 @@ def logistic_eval(X: jax.Array, layer: jax.Array, W: jax.Array, bias: jax.Array,
     W [D, C] and bias [C] act on X's raw rows: z_n = W^T x_n + bias. labels [N] int32,
     share [N] example weights summing to 1. Returns (loss [], gx [D, C], gb [C]):
     loss = -sum_n share_n log softmax(z_n)[labels_n], gx = sum_n x_n g_n^T, gb = sum_n g_n,
-    with g_n = share_n (softmax(z_n) - onehot(labels_n)). Call `available()` first.
+    with g_n = share_n (softmax(z_n) - onehot(labels_n)). Raises RuntimeError where the kernel
+    cannot be built (see `available()`).
     """
+    if not available():
+        raise RuntimeError("the fused CPU kernel is not available on this machine (see the KernelBuildWarning, or "
+                           "VLM_JAX_CPU_KERNELS=0); fit probes with use_kernel=False")
     d, n_classes = W.shape
     out = (jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((d, n_classes), jnp.float32),
            jax.ShapeDtypeStruct((n_classes,), jnp.float32))

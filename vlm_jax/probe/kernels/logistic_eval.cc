@@ -26,6 +26,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -37,7 +41,8 @@ typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t ivec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
 constexpr int64_t kBlock = 64;  // examples per unit of work shared among threads
-constexpr int kTile = 8;        // examples (logits) or feature rows (gradient) per register tile
+constexpr int kTile = 8;        // examples whose logits, softmax and gradient are computed together
+constexpr int kGradientQuads = 2;  // feature quads per register tile of the gradient
 
 inline vec splat(float x) { return vec{} + x; }
 
@@ -63,66 +68,165 @@ inline vec vexp(vec x) {
   return x < lo ? splat(0.0f) : result;
 }
 
+typedef float vec4 __attribute__((vector_size(4 * sizeof(float))));
+
+// Both products use one layout trick. A 128-bit load of 4 consecutive features of an example,
+// duplicated into both halves of a vector ("quad"), is multiplied with a vector that holds two
+// classes' values for those 4 features: lanes (h, i) = class 2p + h, feature 4q + i. One load
+// then feeds one multiply-add per class pair (4 for 8 classes), where broadcasting single
+// features needs a load for every multiply-add; with 8 classes per vector, loads and not
+// arithmetic would bound both products.
+inline vec quad(const float* x) {
+#if defined(__AVX__)
+  return (vec)_mm256_broadcast_ps(reinterpret_cast<const __m128*>(x));  // one load, no shuffle
+#else
+  vec4 q;
+  std::memcpy(&q, x, sizeof(q));
+  return __builtin_shufflevector(q, q, 0, 1, 2, 3, 0, 1, 2, 3);
+#endif
+}
+
+// Keeps values in registers: without this, the compiler folds their loads into every multiply-add
+// that uses them, and the loads, not the arithmetic, then bound the loops.
+inline void in_register(vec& a, vec& b, vec& c, vec& d) { asm("" : "+x"(a), "+x"(b), "+x"(c), "+x"(d)); }
+
 struct Problem {
   const float* x;         // [N, D] one layer's features, row-major
-  const vec* w;           // [D, K] padded weights
-  const vec* bias;        // [K] padded bias (padding lanes -inf)
+  const vec* wq;          // [Q, K, 4]: weights of feature quad q, class pair p of class group kk
+  const vec* wt;          // [D - 4Q, K]: weights of the rows after the last whole quad, classes as lanes
+  const vec* bias;        // [K] padded bias (padding lanes -inf), classes as lanes
   const int32_t* labels;  // [N]
   const float* share;     // [N]
-  int64_t d, n, c, k;     // features, examples, classes, class vectors (ceil(c / 8))
+  int64_t d, n, c, k, q;  // features, examples, classes, class groups (ceil(c / 8)), whole feature quads
+};
+
+struct Partial {  // one thread's sums
+  std::vector<vec> gq;  // [Q, K, 4] gradient in the layout of wq
+  std::vector<vec> gt;  // [D - 4Q, K]
+  std::vector<vec> gb;  // [K]
+  double loss = 0.0;
 };
 
 struct Shared {
   Problem problem;
   int64_t blocks;
   std::atomic<int64_t> next_block{0}, done_blocks{0}, next_slot{0};
-  std::vector<std::vector<vec>> gx;  // per slot [D * K]
-  std::vector<std::vector<vec>> gb;  // per slot [K]
-  std::vector<double> loss;          // per slot
+  std::vector<Partial> partials;  // per slot
 };
 
-// z[t, kk] = bias[kk] + sum_row x[j + t, row] * w[row, kk] for `count` (<= kTile) examples
+// the 8 classes of group kk from 4 pair accumulators: class 2p + h is the sum of half h of acc[p]
+inline vec classes_from_pairs(const vec* acc) {
+  vec a = __builtin_shufflevector(acc[0], acc[1], 0, 2, 8, 10, 4, 6, 12, 14) +
+          __builtin_shufflevector(acc[0], acc[1], 1, 3, 9, 11, 5, 7, 13, 15);
+  vec b = __builtin_shufflevector(acc[2], acc[3], 0, 2, 8, 10, 4, 6, 12, 14) +
+          __builtin_shufflevector(acc[2], acc[3], 1, 3, 9, 11, 5, 7, 13, 15);
+  // a = [p0 h0, p1 h0, p0 h0', p1 h0' | p0 h1, p1 h1, ...] partial sums; add the pairs of partials
+  vec c = __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+  // c = [class 0, 2, 4, 6 | 1, 3, 5, 7]
+  return __builtin_shufflevector(c, c, 0, 4, 1, 5, 2, 6, 3, 7);
+}
+
+// z[t, kk] = bias[kk] + x[j + t] . w[:, group kk] for `count` (1 or 2) examples at a time. The
+// accumulators are named variables, not an array, so that the compiler keeps them in registers.
 template <int count>
-inline void logits_tile(const Problem& p, int64_t j, vec* __restrict__ z) {
+inline void logits_examples(const Problem& p, int64_t j, vec* __restrict__ z) {
+  static_assert(count == 1 || count == 2);
+  const float* __restrict__ x0 = p.x + j * p.d;
+  const float* __restrict__ x1 = x0 + (count == 2 ? p.d : 0);
   for (int64_t kk = 0; kk < p.k; ++kk) {
-    vec acc[count];
-    for (int t = 0; t < count; ++t) acc[t] = p.bias[kk];
-    const float* __restrict__ x = p.x + j * p.d;
-    const vec* __restrict__ w = p.w;
-    for (int64_t row = 0; row < p.d; ++row) {
-      const vec wr = w[row * p.k + kk];
-      for (int t = 0; t < count; ++t) acc[t] += x[t * p.d + row] * wr;
+    vec a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
+    const vec* __restrict__ w = p.wq + kk * 4;
+    const int64_t stride = p.k * 4;
+    for (int64_t q = 0; q < p.q; ++q, w += stride) {
+      vec w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+      in_register(w0, w1, w2, w3);
+      const vec u = quad(x0 + 4 * q);
+      a0 += u * w0;
+      a1 += u * w1;
+      a2 += u * w2;
+      a3 += u * w3;
+      if (count == 2) {
+        const vec v = quad(x1 + 4 * q);
+        b0 += v * w0;
+        b1 += v * w1;
+        b2 += v * w2;
+        b3 += v * w3;
+      }
     }
-    for (int t = 0; t < count; ++t) z[t * p.k + kk] = acc[t];
+    const vec first[4] = {a0, a1, a2, a3}, second[4] = {b0, b1, b2, b3};
+    for (int t = 0; t < count; ++t) {
+      vec zt = p.bias[kk] + classes_from_pairs(t == 0 ? first : second);
+      for (int64_t row = 4 * p.q; row < p.d; ++row) zt += x0[t * p.d + row] * p.wt[(row - 4 * p.q) * p.k + kk];
+      z[t * p.k + kk] = zt;
+    }
   }
 }
 
-// gx[row, kk] += sum_t x[j + t, row] * g[t, kk] for `count` (<= kTile) examples. kRows rows at a
-// time, each with its own accumulator, so that kRows independent multiply-add chains interleave.
-template <int count>
-inline void gradient_tile(const Problem& p, int64_t j, const vec* __restrict__ g, vec* __restrict__ gx) {
-  constexpr int kRows = 8;
-  const float* __restrict__ x = p.x + j * p.d;
-  for (int64_t kk = 0; kk < p.k; ++kk) {
-    int64_t row = 0;
-    for (; row + kRows <= p.d; row += kRows) {
-      vec acc[kRows];
-#pragma GCC unroll 16
-      for (int i = 0; i < kRows; ++i) acc[i] = gx[(row + i) * p.k + kk];
-#pragma GCC unroll 16
-      for (int t = 0; t < count; ++t) {
-        const vec gt = g[t * p.k + kk];
-        const float* __restrict__ xt = x + t * p.d + row;
-#pragma GCC unroll 16
-        for (int i = 0; i < kRows; ++i) acc[i] += xt[i] * gt;
-      }
-#pragma GCC unroll 16
-      for (int i = 0; i < kRows; ++i) gx[(row + i) * p.k + kk] = acc[i];
+inline void logits_tile(const Problem& p, int64_t j, int count, vec* z) {
+  int t = 0;
+  for (; t + 2 <= count; t += 2) logits_examples<2>(p, j + t, z + t * p.k);
+  for (; t < count; ++t) logits_examples<1>(p, j + t, z + t * p.k);
+}
+
+// gq[q, kk, pair] += sum_t quad(x[j + t, 4q:4q+4]) * gp[t, kk, pair] for `quads` feature quads at a
+// time, over `count` examples; gp holds each example's d loss / d logits in the pair layout
+template <int quads, int count>
+inline void gradient_quads(const Problem& p, int64_t j, int64_t q, int64_t kk, const vec* __restrict__ gp,
+                           vec* __restrict__ gq) {
+  const float* __restrict__ x = p.x + j * p.d + 4 * q;
+  vec* __restrict__ out = gq + (q * p.k + kk) * 4;
+  const int64_t out_stride = p.k * 4, g_stride = p.k * 4;
+  const vec* __restrict__ g = gp + kk * 4;
+  vec acc[quads][4];
+#pragma GCC unroll 4
+  for (int qi = 0; qi < quads; ++qi)
+#pragma GCC unroll 4
+    for (int pair = 0; pair < 4; ++pair) acc[qi][pair] = out[qi * out_stride + pair];
+#pragma GCC unroll 8
+  for (int t = 0; t < count; ++t, x += p.d, g += g_stride) {
+    vec xq[quads];
+#pragma GCC unroll 4
+    for (int qi = 0; qi < quads; ++qi) xq[qi] = quad(x + 4 * qi);
+#pragma GCC unroll 4
+    for (int pair = 0; pair < 4; ++pair) {
+      const vec gv = g[pair];
+#pragma GCC unroll 4
+      for (int qi = 0; qi < quads; ++qi) acc[qi][pair] += xq[qi] * gv;
     }
-    for (; row < p.d; ++row) {
-      vec acc = gx[row * p.k + kk];
-      for (int t = 0; t < count; ++t) acc += x[t * p.d + row] * g[t * p.k + kk];
-      gx[row * p.k + kk] = acc;
+  }
+#pragma GCC unroll 4
+  for (int qi = 0; qi < quads; ++qi)
+#pragma GCC unroll 4
+    for (int pair = 0; pair < 4; ++pair) out[qi * out_stride + pair] = acc[qi][pair];
+}
+
+template <int count>
+inline void gradient_features(const Problem& p, int64_t j, int64_t kk, const vec* gp, vec* gq) {
+  int64_t q = 0;
+  for (; q + kGradientQuads <= p.q; q += kGradientQuads) gradient_quads<kGradientQuads, count>(p, j, q, kk, gp, gq);
+  for (; q < p.q; ++q) gradient_quads<1, count>(p, j, q, kk, gp, gq);
+}
+
+inline void gradient_tile(const Problem& p, int64_t j, int count, const vec* g, vec* gp, Partial& out) {
+  for (int t = 0; t < count; ++t)  // to the pair layout: class 2 pair + h repeated over half h
+    for (int64_t kk = 0; kk < p.k; ++kk) {
+      const vec v = g[t * p.k + kk];
+      vec* dst = gp + (t * p.k + kk) * 4;
+      dst[0] = __builtin_shufflevector(v, v, 0, 0, 0, 0, 1, 1, 1, 1);
+      dst[1] = __builtin_shufflevector(v, v, 2, 2, 2, 2, 3, 3, 3, 3);
+      dst[2] = __builtin_shufflevector(v, v, 4, 4, 4, 4, 5, 5, 5, 5);
+      dst[3] = __builtin_shufflevector(v, v, 6, 6, 6, 6, 7, 7, 7, 7);
+    }
+  for (int64_t kk = 0; kk < p.k; ++kk) {
+    if (count == kTile) {
+      gradient_features<kTile>(p, j, kk, gp, out.gq.data());
+    } else {
+      for (int t = 0; t < count; ++t) gradient_features<1>(p, j + t, kk, gp + t * p.k * 4, out.gq.data());
+    }
+    for (int64_t row = 4 * p.q; row < p.d; ++row) {
+      vec acc = out.gt[(row - 4 * p.q) * p.k + kk];
+      for (int t = 0; t < count; ++t) acc += p.x[(j + t) * p.d + row] * g[t * p.k + kk];
+      out.gt[(row - 4 * p.q) * p.k + kk] = acc;
     }
   }
 }
@@ -167,29 +271,24 @@ inline double softmax_tile(const Problem& p, int64_t j, int count, vec* z, vec* 
   return loss;
 }
 
-void run_block(const Problem& p, int64_t block, vec* z, vec* gx, vec* gb, double* loss) {
+void run_block(const Problem& p, int64_t block, vec* z, vec* gp, Partial& out) {
   const int64_t end = std::min<int64_t>((block + 1) * kBlock, p.n);
-  int64_t j = block * kBlock;
-  for (; j + kTile <= end; j += kTile) {  // a tile's kTile rows of x stay in L1 across the three steps
-    logits_tile<kTile>(p, j, z);
-    *loss += softmax_tile(p, j, kTile, z, gb);
-    gradient_tile<kTile>(p, j, z, gx);
-  }
-  for (; j < end; ++j) {
-    logits_tile<1>(p, j, z);
-    *loss += softmax_tile(p, j, 1, z, gb);
-    gradient_tile<1>(p, j, z, gx);
+  for (int64_t j = block * kBlock; j < end; j += kTile) {  // a tile's rows of x stay in L1 across the three steps
+    const int count = static_cast<int>(std::min<int64_t>(kTile, end - j));
+    logits_tile(p, j, count, z);
+    out.loss += softmax_tile(p, j, count, z, out.gb.data());
+    gradient_tile(p, j, count, z, gp, out);
   }
 }
 
 void work(Shared& s) {
   const int64_t slot = s.next_slot.fetch_add(1);
-  if (slot >= static_cast<int64_t>(s.gx.size())) return;
-  std::vector<vec> z(kTile * s.problem.k);
+  if (slot >= static_cast<int64_t>(s.partials.size())) return;
+  std::vector<vec> z(kTile * s.problem.k), gp(kTile * s.problem.k * 4);
   for (;;) {
     const int64_t block = s.next_block.fetch_add(1);
     if (block >= s.blocks) return;
-    run_block(s.problem, block, z.data(), s.gx[slot].data(), s.gb[slot].data(), &s.loss[slot]);
+    run_block(s.problem, block, z.data(), gp.data(), s.partials[slot]);
     s.done_blocks.fetch_add(1, std::memory_order_release);
   }
 }
@@ -211,44 +310,57 @@ ffi::Error LogisticEvalImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
       bias.element_count() != static_cast<size_t>(c))
     return ffi::Error::InvalidArgument("logistic_eval: labels, share [N] and bias [C] do not match X and W");
 
-  // weights and bias padded to whole class vectors; padded classes get a bias of -inf so that
-  // their softmax probability is exactly 0
-  std::vector<vec> w_padded(d * k, vec{});
+  // weights and bias in the kernel's layouts, padded to whole class groups; padded classes get a
+  // bias of -inf so that their softmax probability is exactly 0
+  const int64_t quads = d / 4, tail = d - 4 * quads;
+  std::vector<vec> wq(quads * k * 4, vec{}), wt(tail * k, vec{});
   std::vector<vec> bias_padded(k, splat(-INFINITY));
   const float* w_data = w.typed_data();
-  for (int64_t row = 0; row < d; ++row)
-    for (int64_t cls = 0; cls < c; ++cls) w_padded[row * k + cls / kLanes][cls % kLanes] = w_data[row * c + cls];
+  // loops in the order of the layouts, so that no lane index needs a division
+  for (int64_t q = 0; q < quads; ++q)
+    for (int64_t kk = 0; kk < k; ++kk)
+      for (int64_t lane = 0; lane < kLanes && kk * kLanes + lane < c; ++lane)
+        for (int64_t i = 0; i < 4; ++i)
+          wq[(q * k + kk) * 4 + lane / 2][(lane % 2) * 4 + i] = w_data[(4 * q + i) * c + kk * kLanes + lane];
+  for (int64_t row = 4 * quads; row < d; ++row)
+    for (int64_t cls = 0; cls < c; ++cls) wt[(row - 4 * quads) * k + cls / kLanes][cls % kLanes] = w_data[row * c + cls];
   for (int64_t cls = 0; cls < c; ++cls) bias_padded[cls / kLanes][cls % kLanes] = bias.typed_data()[cls];
 
   auto shared = std::make_shared<Shared>();
-  shared->problem = Problem{x.typed_data() + l * n * d, w_padded.data(), bias_padded.data(), labels.typed_data(),
-                            share.typed_data(), d, n, c, k};
+  shared->problem = Problem{x.typed_data() + l * n * d, wq.data(), wt.data(), bias_padded.data(), labels.typed_data(),
+                            share.typed_data(), d, n, c, k, quads};
   shared->blocks = (n + kBlock - 1) / kBlock;
   const int64_t helpers = std::max<int64_t>(0, std::min<int64_t>(pool.num_threads(), shared->blocks) - 1);
-  shared->gx.assign(helpers + 1, std::vector<vec>(d * k, vec{}));
-  shared->gb.assign(helpers + 1, std::vector<vec>(k, vec{}));
-  shared->loss.assign(helpers + 1, 0.0);
+  shared->partials.resize(helpers + 1);
+  for (Partial& part : shared->partials) {
+    part.gq.assign(quads * k * 4, vec{});
+    part.gt.assign(tail * k, vec{});
+    part.gb.assign(k, vec{});
+  }
   for (int64_t h = 0; h < helpers; ++h) pool.Schedule([shared] { work(*shared); });
   work(*shared);
   // a helper that starts late finds no block left; one that took a block is waited for
   while (shared->done_blocks.load(std::memory_order_acquire) < shared->blocks) std::this_thread::yield();
 
-  double total_loss = 0.0;
-  for (double part : shared->loss) total_loss += part;
-  *loss->typed_data() = static_cast<float>(total_loss);
-  float* gx_out = gx->typed_data();
-  float* gb_out = gb->typed_data();
-  for (int64_t row = 0; row < d; ++row)
-    for (int64_t cls = 0; cls < c; ++cls) {
-      float sum = 0.0f;
-      for (const auto& part : shared->gx) sum += part[row * k + cls / kLanes][cls % kLanes];
-      gx_out[row * c + cls] = sum;
-    }
-  for (int64_t cls = 0; cls < c; ++cls) {
-    float sum = 0.0f;
-    for (const auto& part : shared->gb) sum += part[cls / kLanes][cls % kLanes];
-    gb_out[cls] = sum;
+  // add up the threads' partial sums, back to [D, C] and [C]
+  Partial& total = shared->partials[0];
+  for (size_t slot = 1; slot < shared->partials.size(); ++slot) {
+    const Partial& part = shared->partials[slot];
+    for (size_t i = 0; i < total.gq.size(); ++i) total.gq[i] += part.gq[i];
+    for (size_t i = 0; i < total.gt.size(); ++i) total.gt[i] += part.gt[i];
+    for (size_t i = 0; i < total.gb.size(); ++i) total.gb[i] += part.gb[i];
+    total.loss += part.loss;
   }
+  *loss->typed_data() = static_cast<float>(total.loss);
+  float* gx_out = gx->typed_data();
+  for (int64_t q = 0; q < quads; ++q)
+    for (int64_t kk = 0; kk < k; ++kk)
+      for (int64_t lane = 0; lane < kLanes && kk * kLanes + lane < c; ++lane)
+        for (int64_t i = 0; i < 4; ++i)
+          gx_out[(4 * q + i) * c + kk * kLanes + lane] = total.gq[(q * k + kk) * 4 + lane / 2][(lane % 2) * 4 + i];
+  for (int64_t row = 4 * quads; row < d; ++row)
+    for (int64_t cls = 0; cls < c; ++cls) gx_out[row * c + cls] = total.gt[(row - 4 * quads) * k + cls / kLanes][cls % kLanes];
+  for (int64_t cls = 0; cls < c; ++cls) gb->typed_data()[cls] = total.gb[cls / kLanes][cls % kLanes];
   return ffi::Error::Success();
 }
 
