@@ -57,6 +57,18 @@ def test_kernel_matches_a_float64_reference(n, d, classes):
 
 
 @needs_compiler
+@pytest.mark.parametrize("n, d", [(3000, 1024), (203, 37), (1, 5)])
+def test_column_moments_match_numpy_in_float64(n, d):
+    rng = np.random.default_rng(d)
+    X = rng.standard_normal((2, n, d)).astype(np.float32)
+    X[1] = X[1] * 0.01 + 1000.0  # mean >> std: a naive sum of squares in float32 would cancel
+    for layer in range(2):
+        mean, std = jax.jit(cpu_kernel.column_moments)(jnp.asarray(X), layer)
+        np.testing.assert_allclose(np.asarray(mean), X[layer].astype(np.float64).mean(axis=0), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(std), X[layer].astype(np.float64).std(axis=0), rtol=1e-4, atol=1e-6)
+
+
+@needs_compiler
 def test_fit_with_the_kernel_equals_the_fit_with_xla_products():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 5, 300)

@@ -1,10 +1,13 @@
-"""The fused CPU kernel for logistic-probe evaluations (kernels/logistic_eval.cc), as a JAX op.
+"""CPU kernels for fitting logistic probes (kernels/logistic_probe.cc), as JAX ops.
 
-`logistic_eval(X, layer, W, bias, labels, share)` computes one evaluation of a softmax probe's
-data term in one pass over a layer's features: the loss, X^T G and the column sums of G (see the
-.cc file). It runs as an XLA FFI custom call on the CPU backend. XLA's own products read the
-features twice per evaluation and, for the logits, at about half the matmul rate; the kernel
-reads them once and needs no transposed copy (benchmarks/RESULTS.md has the measurements).
+- `logistic_eval(X, layer, W, bias, labels, share)`: one evaluation of a softmax probe's data
+  term in one pass over a layer's features: the loss, X^T G and the column sums of G. XLA's own
+  products read the features twice per evaluation, from a transposed copy, and the logits product
+  runs at about half the matmul rate; the kernel reads X once, as it is
+  (benchmarks/RESULTS.md has the measurements).
+- `column_moments(X, layer)`: each feature's mean and standard deviation, in one pass.
+
+Both run as XLA FFI custom calls on the CPU backend, on the threads of XLA's intra-op pool.
 
 The kernel is compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`) for the
 machine's own instruction set, and cached under `$VLM_JAX_CACHE` (default ~/.cache/vlm_jax),
@@ -30,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
-TARGET = "vlm_jax_logistic_eval"
-SOURCE = Path(__file__).parent / "kernels" / "logistic_eval.cc"
+TARGETS = {"vlm_jax_logistic_eval": "VlmJaxLogisticEval", "vlm_jax_column_moments": "VlmJaxColumnMoments"}
+SOURCE = Path(__file__).parent / "kernels" / "logistic_probe.cc"
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-w")
 
 _lock = threading.Lock()
@@ -60,7 +63,7 @@ def library_path() -> Path:
         key.update(part)
         key.update(b"\0")
     cache = Path(os.environ.get("VLM_JAX_CACHE", Path.home() / ".cache" / "vlm_jax"))
-    return cache / "kernels" / f"logistic_eval-{key.hexdigest()[:16]}.so"
+    return cache / "kernels" / f"logistic_probe-{key.hexdigest()[:16]}.so"
 
 
 def _build(target: Path) -> None:
@@ -91,14 +94,21 @@ def available() -> bool:
             if not path.exists():
                 _build(path)
             library = ctypes.cdll.LoadLibrary(str(path))
-            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.VlmJaxLogisticEval), platform="cpu")
+            for target, symbol in TARGETS.items():
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
         except Exception as error:  # noqa: BLE001 - any failure means: use XLA's products
-            warnings.warn(f"the fused CPU kernel for logistic probes could not be built, so probes use XLA's "
+            warnings.warn(f"the CPU kernels for logistic probes could not be built, so probes use XLA's "
                           f"products (slower on CPU). Cause: {error}", KernelBuildWarning, stacklevel=3)
             _status["ok"] = False
             return False
         _status.update(ok=True, library=library)
         return True
+
+
+def _require() -> None:
+    if not available():
+        raise RuntimeError("the probe CPU kernels are not available on this machine (see the KernelBuildWarning, "
+                           "or VLM_JAX_CPU_KERNELS=0); fit probes with use_kernel=False")
 
 
 def logistic_eval(X: jax.Array, layer: jax.Array, W: jax.Array, bias: jax.Array, labels: jax.Array,
@@ -111,11 +121,18 @@ def logistic_eval(X: jax.Array, layer: jax.Array, W: jax.Array, bias: jax.Array,
     with g_n = share_n (softmax(z_n) - onehot(labels_n)). Raises RuntimeError where the kernel
     cannot be built (see `available()`).
     """
-    if not available():
-        raise RuntimeError("the fused CPU kernel is not available on this machine (see the KernelBuildWarning, or "
-                           "VLM_JAX_CPU_KERNELS=0); fit probes with use_kernel=False")
+    _require()
     d, n_classes = W.shape
     out = (jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((d, n_classes), jnp.float32),
            jax.ShapeDtypeStruct((n_classes,), jnp.float32))
-    call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
+    call = jax.ffi.ffi_call("vlm_jax_logistic_eval", out, vmap_method="sequential")
     return call(X, jnp.asarray(layer, jnp.int32), W, bias, labels.astype(jnp.int32), share)
+
+
+def column_moments(X: jax.Array, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean [D] and standard deviation [D] (ddof 0) of layer `layer` of X [L, N, D] (float32),
+    accumulated in float64. Raises RuntimeError where the kernel cannot be built."""
+    _require()
+    d = X.shape[2]
+    out = (jax.ShapeDtypeStruct((d,), jnp.float32), jax.ShapeDtypeStruct((d,), jnp.float32))
+    return jax.ffi.ffi_call("vlm_jax_column_moments", out, vmap_method="sequential")(X, jnp.asarray(layer, jnp.int32))

@@ -158,8 +158,7 @@ def _fit_logistic_layers(X, y, weights, lambdas, n_classes: int, max_iter: int, 
     def one_layer(xs):
         layer, lam = xs
         if use_kernel:
-            rows = jax.lax.dynamic_index_in_dim(X, layer, keepdims=False)  # [N, D]
-            mean, std = jnp.mean(rows, axis=0), jnp.std(rows, axis=0)
+            mean, std = cpu_kernel.column_moments(X, layer)
         else:
             XT = _transposed_layer(X, layer)
             # statistics from X^T's rows: contiguous reductions over a block that is already in cache

@@ -1,7 +1,11 @@
-// One evaluation of a softmax-regression probe's data term and its gradient, in one pass over
-// one layer's features, for XLA's CPU backend (an XLA FFI custom call; built and loaded by
-// vlm_jax/probe/cpu_kernel.py).
+// Two XLA FFI custom calls for fitting logistic probes on XLA's CPU backend (built and loaded by
+// vlm_jax/probe/cpu_kernel.py):
 //
+// VlmJaxColumnMoments: the mean and standard deviation of every feature of one layer, in one pass.
+// Inputs:  X [L, N, D] (float32), layer [] (int32).  Outputs: mean [D], std [D] (population std).
+//
+// VlmJaxLogisticEval: one evaluation of a softmax-regression probe's data term and its gradient,
+// in one pass over one layer's features.
 // Inputs:  X [L, N, D] features (float32, row-major, as the caller holds them), layer [] (int32),
 //          W [D, C] weights, bias [C], labels [N] (int32 class ids), share [N] (example weights
 //          summing to 1).
@@ -18,10 +22,12 @@
 // examples are shared among the threads of XLA's intra-op pool; each thread sums into its own
 // partial gradient, and the caller adds the partials up.
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -100,18 +106,13 @@ struct Problem {
   int64_t d, n, c, k, q;  // features, examples, classes, class groups (ceil(c / 8)), whole feature quads
 };
 
-struct Partial {  // one thread's sums
+struct Partial {  // one thread's sums, and its scratch space
   std::vector<vec> gq;  // [Q, K, 4] gradient in the layout of wq
   std::vector<vec> gt;  // [D - 4Q, K]
   std::vector<vec> gb;  // [K]
   double loss = 0.0;
-};
-
-struct Shared {
-  Problem problem;
-  int64_t blocks;
-  std::atomic<int64_t> next_block{0}, done_blocks{0}, next_slot{0};
-  std::vector<Partial> partials;  // per slot
+  std::vector<vec> z;   // [kTile, K] a tile's logits, then d loss / d logits
+  std::vector<vec> gp;  // [kTile, K, 4] the same in the pair layout
 };
 
 // the 8 classes of group kk from 4 pair accumulators: class 2p + h is the sum of half h of acc[p]
@@ -271,7 +272,9 @@ inline double softmax_tile(const Problem& p, int64_t j, int count, vec* z, vec* 
   return loss;
 }
 
-void run_block(const Problem& p, int64_t block, vec* z, vec* gp, Partial& out) {
+void run_block(const Problem& p, int64_t block, Partial& out) {
+  vec* z = out.z.data();
+  vec* gp = out.gp.data();
   const int64_t end = std::min<int64_t>((block + 1) * kBlock, p.n);
   for (int64_t j = block * kBlock; j < end; j += kTile) {  // a tile's rows of x stay in L1 across the three steps
     const int count = static_cast<int>(std::min<int64_t>(kTile, end - j));
@@ -281,16 +284,40 @@ void run_block(const Problem& p, int64_t block, vec* z, vec* gp, Partial& out) {
   }
 }
 
-void work(Shared& s) {
-  const int64_t slot = s.next_slot.fetch_add(1);
-  if (slot >= static_cast<int64_t>(s.partials.size())) return;
-  std::vector<vec> z(kTile * s.problem.k), gp(kTile * s.problem.k * 4);
+// Blocks of work shared among the calling thread and helpers from XLA's intra-op pool. Each
+// worker takes a slot (0 is the caller) for its partial results, then blocks until none are left.
+struct WorkQueue {
+  int64_t blocks = 0, slots = 0;
+  std::atomic<int64_t> next_block{0}, done_blocks{0}, next_slot{0};
+  std::function<void(int64_t slot, int64_t block)> run;
+};
+
+void drain(WorkQueue& queue) {
+  const int64_t slot = queue.next_slot.fetch_add(1);
+  if (slot >= queue.slots) return;
   for (;;) {
-    const int64_t block = s.next_block.fetch_add(1);
-    if (block >= s.blocks) return;
-    run_block(s.problem, block, z.data(), gp.data(), s.partials[slot]);
-    s.done_blocks.fetch_add(1, std::memory_order_release);
+    const int64_t block = queue.next_block.fetch_add(1);
+    if (block >= queue.blocks) return;
+    queue.run(slot, block);
+    queue.done_blocks.fetch_add(1, std::memory_order_release);
   }
+}
+
+// how many slots (workers) run_blocks uses for `blocks` blocks
+int64_t slots_for(ffi::ThreadPool& pool, int64_t blocks) {
+  return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), blocks));
+}
+
+// runs run(slot, block) for every block; returns when all are done. A helper that starts late finds
+// no block left and never calls run, so run may refer to the caller's stack.
+void run_blocks(ffi::ThreadPool& pool, int64_t blocks, std::function<void(int64_t, int64_t)> run) {
+  auto queue = std::make_shared<WorkQueue>();
+  queue->blocks = blocks;
+  queue->slots = slots_for(pool, blocks);
+  queue->run = std::move(run);
+  for (int64_t helper = 1; helper < queue->slots; ++helper) pool.Schedule([queue] { drain(*queue); });
+  drain(*queue);
+  while (queue->done_blocks.load(std::memory_order_acquire) < blocks) std::this_thread::yield();
 }
 
 ffi::Error LogisticEvalImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
@@ -326,26 +353,23 @@ ffi::Error LogisticEvalImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
     for (int64_t cls = 0; cls < c; ++cls) wt[(row - 4 * quads) * k + cls / kLanes][cls % kLanes] = w_data[row * c + cls];
   for (int64_t cls = 0; cls < c; ++cls) bias_padded[cls / kLanes][cls % kLanes] = bias.typed_data()[cls];
 
-  auto shared = std::make_shared<Shared>();
-  shared->problem = Problem{x.typed_data() + l * n * d, wq.data(), wt.data(), bias_padded.data(), labels.typed_data(),
-                            share.typed_data(), d, n, c, k, quads};
-  shared->blocks = (n + kBlock - 1) / kBlock;
-  const int64_t helpers = std::max<int64_t>(0, std::min<int64_t>(pool.num_threads(), shared->blocks) - 1);
-  shared->partials.resize(helpers + 1);
-  for (Partial& part : shared->partials) {
+  const Problem problem{x.typed_data() + l * n * d, wq.data(), wt.data(), bias_padded.data(), labels.typed_data(),
+                        share.typed_data(), d, n, c, k, quads};
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  std::vector<Partial> partials(slots_for(pool, blocks));
+  for (Partial& part : partials) {
     part.gq.assign(quads * k * 4, vec{});
     part.gt.assign(tail * k, vec{});
     part.gb.assign(k, vec{});
+    part.z.assign(kTile * k, vec{});
+    part.gp.assign(kTile * k * 4, vec{});
   }
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([shared] { work(*shared); });
-  work(*shared);
-  // a helper that starts late finds no block left; one that took a block is waited for
-  while (shared->done_blocks.load(std::memory_order_acquire) < shared->blocks) std::this_thread::yield();
+  run_blocks(pool, blocks, [&](int64_t slot, int64_t block) { run_block(problem, block, partials[slot]); });
 
   // add up the threads' partial sums, back to [D, C] and [C]
-  Partial& total = shared->partials[0];
-  for (size_t slot = 1; slot < shared->partials.size(); ++slot) {
-    const Partial& part = shared->partials[slot];
+  Partial& total = partials[0];
+  for (size_t slot = 1; slot < partials.size(); ++slot) {
+    const Partial& part = partials[slot];
     for (size_t i = 0; i < total.gq.size(); ++i) total.gq[i] += part.gq[i];
     for (size_t i = 0; i < total.gt.size(); ++i) total.gt[i] += part.gt[i];
     for (size_t i = 0; i < total.gb.size(); ++i) total.gb[i] += part.gb[i];
@@ -364,6 +388,63 @@ ffi::Error LogisticEvalImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   return ffi::Error::Success();
 }
 
+// The moments in float64 from sums of (x - shift), shift = the layer's first row: a shift inside
+// the data's range keeps sum of squares minus squared sum from cancelling when mean >> std.
+// Blocks of kBlock rows are summed in float32 (short sums), then added up in float64.
+ffi::Error ColumnMomentsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
+                             ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> stddev) {
+  const auto dims = x.dimensions();
+  if (dims.size() != 3) return ffi::Error::InvalidArgument("column_moments: expected X [L, N, D]");
+  const int64_t n = dims[1], d = dims[2], l = *layer.typed_data();
+  if (l < 0 || l >= dims[0]) return ffi::Error::InvalidArgument("column_moments: layer index out of range");
+  if (n == 0) return ffi::Error::InvalidArgument("column_moments: no examples");
+  const float* rows = x.typed_data() + l * n * d;
+  const float* shift = rows;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  struct Sums {
+    std::vector<double> s1, s2;
+    std::vector<float> b1, b2;
+  };
+  std::vector<Sums> partials(slots_for(pool, blocks));
+  for (Sums& part : partials) {
+    part.s1.assign(d, 0.0);
+    part.s2.assign(d, 0.0);
+    part.b1.assign(d, 0.0f);
+    part.b2.assign(d, 0.0f);
+  }
+  run_blocks(pool, blocks, [&](int64_t slot, int64_t block) {
+    Sums& part = partials[slot];
+    float* __restrict__ b1 = part.b1.data();
+    float* __restrict__ b2 = part.b2.data();
+    std::fill(part.b1.begin(), part.b1.end(), 0.0f);
+    std::fill(part.b2.begin(), part.b2.end(), 0.0f);
+    const int64_t end = std::min<int64_t>((block + 1) * kBlock, n);
+    for (int64_t row = block * kBlock; row < end; ++row) {
+      const float* __restrict__ xr = rows + row * d;
+      for (int64_t col = 0; col < d; ++col) {
+        const float centred = xr[col] - shift[col];
+        b1[col] += centred;
+        b2[col] += centred * centred;
+      }
+    }
+    for (int64_t col = 0; col < d; ++col) {
+      part.s1[col] += b1[col];
+      part.s2[col] += b2[col];
+    }
+  });
+  for (int64_t col = 0; col < d; ++col) {
+    double s1 = 0.0, s2 = 0.0;
+    for (const Sums& part : partials) {
+      s1 += part.s1[col];
+      s2 += part.s2[col];
+    }
+    const double m1 = s1 / n;
+    mean->typed_data()[col] = static_cast<float>(shift[col] + m1);
+    stddev->typed_data()[col] = static_cast<float>(std::sqrt(std::max(0.0, s2 / n - m1 * m1)));
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmJaxLogisticEval, LogisticEvalImpl,
@@ -376,5 +457,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmJaxLogisticEval, LogisticEvalImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmJaxColumnMoments, ColumnMomentsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
