@@ -46,9 +46,12 @@ constexpr int kLanes = 8;
 typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t ivec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
-constexpr int64_t kBlock = 64;  // examples per unit of work shared among threads
-constexpr int kTile = 8;        // examples whose logits, softmax and gradient are computed together
-constexpr int kGradientQuads = 2;  // feature quads per register tile of the gradient
+constexpr int64_t kBlock = 96;  // examples per unit of work shared among threads
+// examples whose logits, softmax and gradient are computed together: their rows of X (96 KB at
+// D = 1024) stay in L2 between the logits and the gradient; a multiple of kLogitExamples
+constexpr int kTile = 24;
+constexpr int kGradientQuads = 3;  // feature quads per register tile of the gradient
+constexpr int kLogitExamples = 3;  // examples per register tile of the logits
 
 inline vec splat(float x) { return vec{} + x; }
 
@@ -95,6 +98,7 @@ inline vec quad(const float* x) {
 // Keeps values in registers: without this, the compiler folds their loads into every multiply-add
 // that uses them, and the loads, not the arithmetic, then bound the loops.
 inline void in_register(vec& a, vec& b, vec& c, vec& d) { asm("" : "+x"(a), "+x"(b), "+x"(c), "+x"(d)); }
+inline void in_register(vec& a) { asm("" : "+x"(a)); }
 
 struct Problem {
   const float* x;         // [N, D] one layer's features, row-major
@@ -127,36 +131,47 @@ inline vec classes_from_pairs(const vec* acc) {
   return __builtin_shufflevector(c, c, 0, 4, 1, 5, 2, 6, 3, 7);
 }
 
-// z[t, kk] = bias[kk] + x[j + t] . w[:, group kk] for `count` (1 or 2) examples at a time. The
-// accumulators are named variables, not an array, so that the compiler keeps them in registers.
+// z[t, kk] = bias[kk] + x[j + t] . w[:, group kk] for `count` (1 to 3) examples at a time: 4
+// accumulators per example, up to 12 independent multiply-add chains. The accumulators are
+// named variables, not an array, so that the compiler keeps them in registers.
 template <int count>
 inline void logits_examples(const Problem& p, int64_t j, vec* __restrict__ z) {
-  static_assert(count == 1 || count == 2);
+  static_assert(count >= 1 && count <= 3);
   const float* __restrict__ x0 = p.x + j * p.d;
-  const float* __restrict__ x1 = x0 + (count == 2 ? p.d : 0);
+  const float* __restrict__ x1 = x0 + (count >= 2 ? p.d : 0);
+  const float* __restrict__ x2 = x0 + (count >= 3 ? 2 * p.d : 0);
   for (int64_t kk = 0; kk < p.k; ++kk) {
-    vec a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
+    vec a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{}, c0{}, c1{}, c2{}, c3{};
     const vec* __restrict__ w = p.wq + kk * 4;
     const int64_t stride = p.k * 4;
     for (int64_t q = 0; q < p.q; ++q, w += stride) {
-      vec w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
-      in_register(w0, w1, w2, w3);
       const vec u = quad(x0 + 4 * q);
-      a0 += u * w0;
-      a1 += u * w1;
-      a2 += u * w2;
-      a3 += u * w3;
-      if (count == 2) {
-        const vec v = quad(x1 + 4 * q);
-        b0 += v * w0;
-        b1 += v * w1;
-        b2 += v * w2;
-        b3 += v * w3;
-      }
+      const vec v = count >= 2 ? quad(x1 + 4 * q) : vec{};
+      const vec s = count >= 3 ? quad(x2 + 4 * q) : vec{};
+      vec wp = w[0];
+      in_register(wp);
+      a0 += u * wp;
+      if (count >= 2) b0 += v * wp;
+      if (count >= 3) c0 += s * wp;
+      wp = w[1];
+      in_register(wp);
+      a1 += u * wp;
+      if (count >= 2) b1 += v * wp;
+      if (count >= 3) c1 += s * wp;
+      wp = w[2];
+      in_register(wp);
+      a2 += u * wp;
+      if (count >= 2) b2 += v * wp;
+      if (count >= 3) c2 += s * wp;
+      wp = w[3];
+      in_register(wp);
+      a3 += u * wp;
+      if (count >= 2) b3 += v * wp;
+      if (count >= 3) c3 += s * wp;
     }
-    const vec first[4] = {a0, a1, a2, a3}, second[4] = {b0, b1, b2, b3};
+    const vec pairs[3][4] = {{a0, a1, a2, a3}, {b0, b1, b2, b3}, {c0, c1, c2, c3}};
     for (int t = 0; t < count; ++t) {
-      vec zt = p.bias[kk] + classes_from_pairs(t == 0 ? first : second);
+      vec zt = p.bias[kk] + classes_from_pairs(pairs[t]);
       for (int64_t row = 4 * p.q; row < p.d; ++row) zt += x0[t * p.d + row] * p.wt[(row - 4 * p.q) * p.k + kk];
       z[t * p.k + kk] = zt;
     }
@@ -165,32 +180,30 @@ inline void logits_examples(const Problem& p, int64_t j, vec* __restrict__ z) {
 
 inline void logits_tile(const Problem& p, int64_t j, int count, vec* z) {
   int t = 0;
-  for (; t + 2 <= count; t += 2) logits_examples<2>(p, j + t, z + t * p.k);
+  for (; t + kLogitExamples <= count; t += kLogitExamples) logits_examples<kLogitExamples>(p, j + t, z + t * p.k);
   for (; t < count; ++t) logits_examples<1>(p, j + t, z + t * p.k);
 }
 
 // gq[q, kk, pair] += sum_t quad(x[j + t, 4q:4q+4]) * gp[t, kk, pair] for `quads` feature quads at a
 // time, over `count` examples; gp holds each example's d loss / d logits in the pair layout
 template <int quads, int count>
-inline void gradient_quads(const Problem& p, int64_t j, int64_t q, int64_t kk, const vec* __restrict__ gp,
-                           vec* __restrict__ gq) {
-  const float* __restrict__ x = p.x + j * p.d + 4 * q;
-  vec* __restrict__ out = gq + (q * p.k + kk) * 4;
-  const int64_t out_stride = p.k * 4, g_stride = p.k * 4;
-  const vec* __restrict__ g = gp + kk * 4;
+__attribute__((noinline)) void gradient_quads(const float* __restrict__ x, int64_t x_stride,
+                                              const vec* __restrict__ g, int64_t g_stride, vec* __restrict__ out,
+                                              int64_t out_stride) {
   vec acc[quads][4];
 #pragma GCC unroll 4
   for (int qi = 0; qi < quads; ++qi)
 #pragma GCC unroll 4
     for (int pair = 0; pair < 4; ++pair) acc[qi][pair] = out[qi * out_stride + pair];
 #pragma GCC unroll 8
-  for (int t = 0; t < count; ++t, x += p.d, g += g_stride) {
+  for (int t = 0; t < count; ++t, x += x_stride, g += g_stride) {
     vec xq[quads];
 #pragma GCC unroll 4
     for (int qi = 0; qi < quads; ++qi) xq[qi] = quad(x + 4 * qi);
 #pragma GCC unroll 4
     for (int pair = 0; pair < 4; ++pair) {
-      const vec gv = g[pair];
+      vec gv = g[pair];
+      in_register(gv);
 #pragma GCC unroll 4
       for (int qi = 0; qi < quads; ++qi) acc[qi][pair] += xq[qi] * gv;
     }
@@ -201,11 +214,16 @@ inline void gradient_quads(const Problem& p, int64_t j, int64_t q, int64_t kk, c
     for (int pair = 0; pair < 4; ++pair) out[qi * out_stride + pair] = acc[qi][pair];
 }
 
+// gq[q, kk, :] += sum_t quad(x[j + t, 4q:4q+4]) * gp[t, kk, :] for every whole feature quad q
 template <int count>
 inline void gradient_features(const Problem& p, int64_t j, int64_t kk, const vec* gp, vec* gq) {
+  const int64_t stride = p.k * 4;
   int64_t q = 0;
-  for (; q + kGradientQuads <= p.q; q += kGradientQuads) gradient_quads<kGradientQuads, count>(p, j, q, kk, gp, gq);
-  for (; q < p.q; ++q) gradient_quads<1, count>(p, j, q, kk, gp, gq);
+  for (; q + kGradientQuads <= p.q; q += kGradientQuads)
+    gradient_quads<kGradientQuads, count>(p.x + j * p.d + 4 * q, p.d, gp + kk * 4, stride, gq + (q * p.k + kk) * 4,
+                                          stride);
+  for (; q < p.q; ++q)
+    gradient_quads<1, count>(p.x + j * p.d + 4 * q, p.d, gp + kk * 4, stride, gq + (q * p.k + kk) * 4, stride);
 }
 
 inline void gradient_tile(const Problem& p, int64_t j, int count, const vec* g, vec* gp, Partial& out) {
