@@ -16,7 +16,10 @@ chosen per layer, then a refit on all training examples from zero.
 scikit-learn runs this protocol on the same split, with C = 1 / (lambda * n) for each fit's n, so
 that both minimise the same objectives.
 
-    python benchmarks/probes.py [--repeats 3] [--select]
+With --no-kernel, vlm_jax evaluates the loss with XLA's products instead of its fused CPU kernel
+(vlm_jax/probe/cpu_kernel.py), as on a machine without a C++ compiler.
+
+    python benchmarks/probes.py [--repeats 3] [--select] [--no-kernel]
 """
 
 from __future__ import annotations
@@ -48,13 +51,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--select", action="store_true",
                         help="pick the L2 strength per layer among five (fit_logistic's default) in both libraries")
+    parser.add_argument("--no-kernel", action="store_true",
+                        help="evaluate with XLA's products, not the fused CPU kernel (VLM_JAX_CPU_KERNELS=0)")
     args = parser.parse_args()
+    if args.no_kernel:
+        os.environ["VLM_JAX_CPU_KERNELS"] = "0"
 
     import jax
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from vlm_jax.probe.linear import DEFAULT_LAMBDAS, _splits, evaluate, fit_logistic
+    from vlm_jax.probe.linear import DEFAULT_LAMBDAS, _kernel_applies, _splits, evaluate, fit_logistic
 
     X, y = data()
     n_train = 3000
@@ -117,6 +124,8 @@ def main() -> None:
     floor = steps[:, 1].sum() * 2 * (2 * n_train * (d + 1) * n_classes) / peak
     print(f"machine: {machine()}")
     print(f"best float32 matmul: {peak / 1e9:.0f} GFLOP/s")
+    path = "the fused CPU kernel" if _kernel_applies(features) else "XLA's products"
+    print(f"vlm_jax evaluates the loss and gradient with {path}")
     print(f"L-BFGS iterations over the 33 layers' final fits: vlm_jax {steps[:, 0].sum()} ({steps[:, 1].sum()} loss "
           f"evaluations), scikit-learn {sum(int(m.n_iter_[0]) for _, m, _ in models)}")
     if args.select:
