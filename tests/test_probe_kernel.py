@@ -37,6 +37,7 @@ def reference(X, W, bias, labels, share):
     (203, 37, 3),  # a partial block, a partial tile of examples, a partial tile of rows, padded classes
     (77, 64, 11),  # two class vectors
     (5, 9, 2),  # fewer examples than a tile
+    (50, 3, 4),  # fewer features than a quad
 ])
 def test_kernel_matches_a_float64_reference(n, d, classes):
     assert cpu_kernel.available()
@@ -54,6 +55,15 @@ def test_kernel_matches_a_float64_reference(n, d, classes):
         np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
         np.testing.assert_allclose(np.asarray(gx), ref_gx, atol=1e-5 * np.abs(ref_gx).max())
         np.testing.assert_allclose(np.asarray(gb), ref_gb, atol=1e-6)
+
+
+@needs_compiler
+def test_kernel_rejects_labels_outside_the_classes():
+    X = jnp.zeros((1, 10, 4), jnp.float32)
+    labels = jnp.asarray([0, 1, 2, 3, 0, 1, 2, 3, 0, 9], jnp.int32)  # 9 >= 4 classes
+    with pytest.raises(Exception, match="label is outside"):
+        jax.block_until_ready(cpu_kernel.logistic_eval(X, 0, jnp.zeros((4, 4)), jnp.zeros(4), labels,
+                                                       jnp.full((10,), 0.1)))
 
 
 @needs_compiler

@@ -16,11 +16,13 @@
 // Why a kernel: with XLA's own products an evaluation reads the features twice (logits, then
 // gradient) from a transposed copy made per layer, and the logits product runs at about half of
 // the machine's matmul rate. Here the examples are taken kTile at a time: their logits, softmax
-// and gradient contribution are computed while their kTile rows of X sit in L1/L2, so X is read
-// once per evaluation and never copied. The classes are the SIMD lanes (8 float32 per vector),
-// so both products are broadcast-and-multiply-add loops with no packing. Blocks of kBlock
-// examples are shared among the threads of XLA's intra-op pool; each thread sums into its own
-// partial gradient, and the caller adds the partials up.
+// and gradient contribution are computed while their rows of X sit in L2, so X is read once per
+// evaluation and never copied. Both products multiply 4 consecutive features of an example,
+// loaded once into both halves of a vector, with a vector of two classes' weights (see quad());
+// 12 independent multiply-add chains per register tile keep both FMA units busy. Blocks of
+// kBlock examples are shared among the threads of XLA's intra-op pool; each thread sums into its
+// own partial gradient, and the caller adds the partials up. benchmarks/RESULTS.md has the
+// measurements that chose each of these.
 
 #include <algorithm>
 #include <atomic>
@@ -97,8 +99,11 @@ inline vec quad(const float* x) {
 
 // Keeps values in registers: without this, the compiler folds their loads into every multiply-add
 // that uses them, and the loads, not the arithmetic, then bound the loops.
-inline void in_register(vec& a, vec& b, vec& c, vec& d) { asm("" : "+x"(a), "+x"(b), "+x"(c), "+x"(d)); }
+#if defined(__x86_64__)
 inline void in_register(vec& a) { asm("" : "+x"(a)); }
+#else
+inline void in_register(vec&) {}
+#endif
 
 struct Problem {
   const float* x;         // [N, D] one layer's features, row-major
@@ -354,6 +359,10 @@ ffi::Error LogisticEvalImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   if (labels.element_count() != static_cast<size_t>(n) || share.element_count() != static_cast<size_t>(n) ||
       bias.element_count() != static_cast<size_t>(c))
     return ffi::Error::InvalidArgument("logistic_eval: labels, share [N] and bias [C] do not match X and W");
+  const int32_t* label_data = labels.typed_data();
+  for (int64_t i = 0; i < n; ++i)
+    if (label_data[i] < 0 || label_data[i] >= c)
+      return ffi::Error::InvalidArgument("logistic_eval: a label is outside [0, C); labels must be class ids");
 
   // weights and bias in the kernel's layouts, padded to whole class groups; padded classes get a
   // bias of -inf so that their softmax probability is exactly 0
