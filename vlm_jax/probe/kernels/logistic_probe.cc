@@ -136,6 +136,15 @@ inline vec classes_from_pairs(const vec* acc) {
   return __builtin_shufflevector(c, c, 0, 4, 1, 5, 2, 6, 3, 7);
 }
 
+// one class pair's weights wp (held in a register) times up to 3 examples' feature quads
+template <int count>
+inline void pair_step(vec wp, vec u, vec v, vec s, vec& a, vec& b, vec& c) {
+  in_register(wp);
+  a += u * wp;
+  if (count >= 2) b += v * wp;
+  if (count >= 3) c += s * wp;
+}
+
 // z[t, kk] = bias[kk] + x[j + t] . w[:, group kk] for `count` (1 to 3) examples at a time: 4
 // accumulators per example, up to 12 independent multiply-add chains. The accumulators are
 // named variables, not an array, so that the compiler keeps them in registers.
@@ -153,26 +162,10 @@ inline void logits_examples(const Problem& p, int64_t j, vec* __restrict__ z) {
       const vec u = quad(x0 + 4 * q);
       const vec v = count >= 2 ? quad(x1 + 4 * q) : vec{};
       const vec s = count >= 3 ? quad(x2 + 4 * q) : vec{};
-      vec wp = w[0];
-      in_register(wp);
-      a0 += u * wp;
-      if (count >= 2) b0 += v * wp;
-      if (count >= 3) c0 += s * wp;
-      wp = w[1];
-      in_register(wp);
-      a1 += u * wp;
-      if (count >= 2) b1 += v * wp;
-      if (count >= 3) c1 += s * wp;
-      wp = w[2];
-      in_register(wp);
-      a2 += u * wp;
-      if (count >= 2) b2 += v * wp;
-      if (count >= 3) c2 += s * wp;
-      wp = w[3];
-      in_register(wp);
-      a3 += u * wp;
-      if (count >= 2) b3 += v * wp;
-      if (count >= 3) c3 += s * wp;
+      pair_step<count>(w[0], u, v, s, a0, b0, c0);
+      pair_step<count>(w[1], u, v, s, a1, b1, c1);
+      pair_step<count>(w[2], u, v, s, a2, b2, c2);
+      pair_step<count>(w[3], u, v, s, a3, b3, c3);
     }
     const vec pairs[3][4] = {{a0, a1, a2, a3}, {b0, b1, b2, b3}, {c0, c1, c2, c3}};
     for (int t = 0; t < count; ++t) {
