@@ -6,8 +6,10 @@ features (train-split mean and std); an L2 strength is picked per layer on held-
 
 Logistic probes minimise  mean cross-entropy + lambda / 2 * ||W||^2  (intercept not
 penalised; scikit-learn's C corresponds to lambda = 1 / (C * N)) with L-BFGS (probe/lbfgs.py). Layers
-run one after another inside one compiled call (lax.map), which keeps a layer's transposed
-features in cache across all of its fits. Within a layer, each fold's strengths are fitted
+run one after another inside one compiled call (lax.map), which keeps a layer's features in
+cache across all of its fits. On CPU, float32 fits evaluate the loss and gradient with a fused
+kernel (probe/cpu_kernel.py); elsewhere with XLA's products on a transposed copy of each layer.
+Within a layer, each fold's strengths are fitted
 from the strongest to the weakest, each starting from the previous solution (the path of
 scikit-learn's LogisticRegressionCV); the refit on all training data starts from zero.
 Ridge probes are solved in closed form from one eigendecomposition per layer.
@@ -114,9 +116,10 @@ def _fit_logistic_one(data_term, d, n_classes, mean, scale, lam, W0, b0, max_ite
 
     data_term(W' [D, C], bias [C]) -> (loss [], X^T G [D, C], sum_n G [C]) evaluates the mean
     cross-entropy of logits W'^T x_n + bias on the raw features x_n, weighted by the fold's
-    example shares (summing to 1), with G = d loss / d logits. mean/scale [D] are the standardisation, lam []
-    the L2 strength, W0 [D, C], b0 [C] the starting point. Returns W [D, C], b [C] (for
-    standardised features) and the solver's [iterations, loss evaluations] [2], minimising
+    example shares (summing to 1), with G = d loss / d logits. mean/scale [D] are the
+    standardisation, lam [] the L2 strength, W0 [D, C], b0 [C] the starting point. Returns
+    W [D, C], b [C] (for standardised features) and the solver's [iterations, loss evaluations]
+    [2], minimising
     sum(share * CE) + lam / 2 ||W||^2 (intercept not penalised).
     The standardisation is folded into the weights: W' = W / scale, bias = b - (mean / scale) W.
     """

@@ -130,8 +130,9 @@ inline vec classes_from_pairs(const vec* acc) {
           __builtin_shufflevector(acc[0], acc[1], 1, 3, 9, 11, 5, 7, 13, 15);
   vec b = __builtin_shufflevector(acc[2], acc[3], 0, 2, 8, 10, 4, 6, 12, 14) +
           __builtin_shufflevector(acc[2], acc[3], 1, 3, 9, 11, 5, 7, 13, 15);
-  // a = [p0 h0, p1 h0, p0 h0', p1 h0' | p0 h1, p1 h1, ...] partial sums; add the pairs of partials
-  vec c = __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+  // a holds two partial sums per class, [0, 0, 2, 2 | 1, 1, 3, 3]; b the same for classes 4-7
+  vec c = __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+          __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
   // c = [class 0, 2, 4, 6 | 1, 3, 5, 7]
   return __builtin_shufflevector(c, c, 0, 4, 1, 5, 2, 6, 3, 7);
 }
@@ -292,7 +293,7 @@ void run_block(const Problem& p, int64_t block, Partial& out) {
   vec* z = out.z.data();
   vec* gp = out.gp.data();
   const int64_t end = std::min<int64_t>((block + 1) * kBlock, p.n);
-  for (int64_t j = block * kBlock; j < end; j += kTile) {  // a tile's rows of x stay in L1 across the three steps
+  for (int64_t j = block * kBlock; j < end; j += kTile) {  // a tile's rows of x stay in L2 across the three steps
     const int count = static_cast<int>(std::min<int64_t>(kTile, end - j));
     logits_tile(p, j, count, z);
     out.loss += softmax_tile(p, j, count, z, out.gb.data());
@@ -370,7 +371,8 @@ ffi::Error LogisticEvalImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
         for (int64_t i = 0; i < 4; ++i)
           wq[(q * k + kk) * 4 + lane / 2][(lane % 2) * 4 + i] = w_data[(4 * q + i) * c + kk * kLanes + lane];
   for (int64_t row = 4 * quads; row < d; ++row)
-    for (int64_t cls = 0; cls < c; ++cls) wt[(row - 4 * quads) * k + cls / kLanes][cls % kLanes] = w_data[row * c + cls];
+    for (int64_t cls = 0; cls < c; ++cls)
+      wt[(row - 4 * quads) * k + cls / kLanes][cls % kLanes] = w_data[row * c + cls];
   for (int64_t cls = 0; cls < c; ++cls) bias_padded[cls / kLanes][cls % kLanes] = bias.typed_data()[cls];
 
   const Problem problem{x.typed_data() + l * n * d, wq.data(), wt.data(), bias_padded.data(), labels.typed_data(),
@@ -403,7 +405,8 @@ ffi::Error LogisticEvalImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
         for (int64_t i = 0; i < 4; ++i)
           gx_out[(4 * q + i) * c + kk * kLanes + lane] = total.gq[(q * k + kk) * 4 + lane / 2][(lane % 2) * 4 + i];
   for (int64_t row = 4 * quads; row < d; ++row)
-    for (int64_t cls = 0; cls < c; ++cls) gx_out[row * c + cls] = total.gt[(row - 4 * quads) * k + cls / kLanes][cls % kLanes];
+    for (int64_t cls = 0; cls < c; ++cls)
+      gx_out[row * c + cls] = total.gt[(row - 4 * quads) * k + cls / kLanes][cls % kLanes];
   for (int64_t cls = 0; cls < c; ++cls) gb->typed_data()[cls] = total.gb[cls / kLanes][cls % kLanes];
   return ffi::Error::Success();
 }
