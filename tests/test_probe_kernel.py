@@ -58,6 +58,14 @@ def test_kernel_matches_a_float64_reference(n, d, classes):
 
 
 @needs_compiler
+def test_kernel_rejects_features_that_are_not_float32_layers():
+    with pytest.raises(ValueError, match="float32"):
+        cpu_kernel.column_moments(jnp.zeros((4, 3), jnp.float32), 0)  # no layer axis
+    with pytest.raises(ValueError, match="float32"):
+        cpu_kernel.column_moments(jnp.zeros((1, 4, 3), jnp.int32), 0)
+
+
+@needs_compiler
 def test_kernel_rejects_labels_outside_the_classes():
     X = jnp.zeros((1, 10, 4), jnp.float32)
     labels = jnp.asarray([0, 1, 2, 3, 0, 1, 2, 3, 0, 9], jnp.int32)  # 9 >= 4 classes

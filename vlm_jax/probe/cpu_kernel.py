@@ -105,10 +105,13 @@ def available() -> bool:
         return True
 
 
-def _require() -> None:
+def _require(X: jax.Array) -> None:
     if not available():
         raise RuntimeError("the probe CPU kernels are not available on this machine (see the KernelBuildWarning, "
-                           "or VLM_JAX_CPU_KERNELS=0); fit probes with use_kernel=False")
+                           "or VLM_JAX_CPU_KERNELS=0); fit_logistic falls back to XLA's products by itself")
+    if X.ndim != 3 or X.dtype != jnp.float32:
+        raise ValueError(f"the probe CPU kernels take X as float32 [layers, examples, features]; got {X.dtype} "
+                         f"{tuple(X.shape)}. Fix: X.astype(jnp.float32)")
 
 
 def logistic_eval(X: jax.Array, layer: jax.Array, W: jax.Array, bias: jax.Array, labels: jax.Array,
@@ -121,18 +124,20 @@ def logistic_eval(X: jax.Array, layer: jax.Array, W: jax.Array, bias: jax.Array,
     with g_n = share_n (softmax(z_n) - onehot(labels_n)). Raises RuntimeError where the kernel
     cannot be built (see `available()`).
     """
-    _require()
+    _require(X)
     d, n_classes = W.shape
     out = (jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((d, n_classes), jnp.float32),
            jax.ShapeDtypeStruct((n_classes,), jnp.float32))
     call = jax.ffi.ffi_call("vlm_jax_logistic_eval", out, vmap_method="sequential")
-    return call(X, jnp.asarray(layer, jnp.int32), W, bias, labels.astype(jnp.int32), share)
+    f32 = jnp.float32
+    return call(X, jnp.asarray(layer, jnp.int32), jnp.asarray(W, f32), jnp.asarray(bias, f32),
+                jnp.asarray(labels, jnp.int32), jnp.asarray(share, f32))
 
 
 def column_moments(X: jax.Array, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Mean [D] and standard deviation [D] (ddof 0) of layer `layer` of X [L, N, D] (float32),
     accumulated in float64. Raises RuntimeError where the kernel cannot be built."""
-    _require()
+    _require(X)
     d = X.shape[2]
     out = (jax.ShapeDtypeStruct((d,), jnp.float32), jax.ShapeDtypeStruct((d,), jnp.float32))
     return jax.ffi.ffi_call("vlm_jax_column_moments", out, vmap_method="sequential")(X, jnp.asarray(layer, jnp.int32))
