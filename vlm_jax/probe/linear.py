@@ -9,9 +9,9 @@ penalised; scikit-learn's C corresponds to lambda = 1 / (C * N)) with L-BFGS (pr
 run one after another inside one compiled call (lax.map), which keeps a layer's features in
 cache across all of its fits. On CPU, float32 fits evaluate the loss and gradient with a fused
 kernel (probe/cpu_kernel.py); elsewhere with XLA's products on a transposed copy of each layer.
-Within a layer, each fold's strengths are fitted
-from the strongest to the weakest, each starting from the previous solution (the path of
-scikit-learn's LogisticRegressionCV); the refit on all training data starts from zero.
+Within a layer, each fold's strengths are fitted from the strongest to the weakest, each starting
+from the previous solution (the path of scikit-learn's LogisticRegressionCV); the refit on all
+training data starts from zero.
 Ridge probes are solved in closed form from one eigendecomposition per layer.
 """
 
@@ -156,7 +156,6 @@ def _fit_logistic_layers(X, y, weights, lambdas, n_classes: int, max_iter: int, 
     X = X.astype(dtype)
     d = X.shape[2]
     YT = None if use_kernel else jax.nn.one_hot(y, n_classes, dtype=dtype).T
-    labels = y.astype(jnp.int32)
 
     def one_layer(xs):
         layer, lam = xs
@@ -173,7 +172,7 @@ def _fit_logistic_layers(X, y, weights, lambdas, n_classes: int, max_iter: int, 
         def path(fold_weights):  # -> W [M, D, C], b [M, C], counts [M, 2], in the order of lam
             share = fold_weights / jnp.sum(fold_weights)
             if use_kernel:
-                data_term = _kernel_data_term(X, layer, labels, share.astype(dtype))
+                data_term = _kernel_data_term(X, layer, y, share)
             else:
                 data_term = _xla_data_term(XT, YT, share)
             fit = functools.partial(_fit_logistic_one, data_term, d, n_classes, mean, scale, max_iter=max_iter,

@@ -337,6 +337,22 @@ void run_blocks(ffi::ThreadPool& pool, int64_t blocks, std::function<void(int64_
   while (queue->done_blocks.load(std::memory_order_acquire) < blocks) std::this_thread::yield();
 }
 
+// Visits every entry (row, class) of a [D, C] matrix held in the kernel's layouts (the weights
+// going in, the gradient coming out): rows of whole feature quads in the pair layout [Q, K, 4]
+// (lane (h, i) of pair p: class 8 kk + 2p + h, row 4q + i), the rows after them [D - 4Q, K] with
+// classes as lanes. fn(row, cls, entry). The loops follow the layouts, so no lane index needs a
+// division.
+template <typename Fn>
+void for_each_entry(vec* pairs, vec* tail, int64_t d, int64_t c, int64_t k, int64_t quads, Fn fn) {
+  for (int64_t q = 0; q < quads; ++q)
+    for (int64_t kk = 0; kk < k; ++kk)
+      for (int64_t lane = 0; lane < kLanes && kk * kLanes + lane < c; ++lane)
+        for (int64_t i = 0; i < 4; ++i)
+          fn(4 * q + i, kk * kLanes + lane, pairs[(q * k + kk) * 4 + lane / 2][(lane % 2) * 4 + i]);
+  for (int64_t row = 4 * quads; row < d; ++row)
+    for (int64_t cls = 0; cls < c; ++cls) fn(row, cls, tail[(row - 4 * quads) * k + cls / kLanes][cls % kLanes]);
+}
+
 ffi::Error LogisticEvalImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
                             ffi::Buffer<ffi::F32> w,
                             ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::S32> labels,
@@ -364,15 +380,8 @@ ffi::Error LogisticEvalImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   std::vector<vec> wq(quads * k * 4, vec{}), wt(tail * k, vec{});
   std::vector<vec> bias_padded(k, splat(-INFINITY));
   const float* w_data = w.typed_data();
-  // loops in the order of the layouts, so that no lane index needs a division
-  for (int64_t q = 0; q < quads; ++q)
-    for (int64_t kk = 0; kk < k; ++kk)
-      for (int64_t lane = 0; lane < kLanes && kk * kLanes + lane < c; ++lane)
-        for (int64_t i = 0; i < 4; ++i)
-          wq[(q * k + kk) * 4 + lane / 2][(lane % 2) * 4 + i] = w_data[(4 * q + i) * c + kk * kLanes + lane];
-  for (int64_t row = 4 * quads; row < d; ++row)
-    for (int64_t cls = 0; cls < c; ++cls)
-      wt[(row - 4 * quads) * k + cls / kLanes][cls % kLanes] = w_data[row * c + cls];
+  for_each_entry(wq.data(), wt.data(), d, c, k, quads,
+                 [&](int64_t row, int64_t cls, float& entry) { entry = w_data[row * c + cls]; });
   for (int64_t cls = 0; cls < c; ++cls) bias_padded[cls / kLanes][cls % kLanes] = bias.typed_data()[cls];
 
   const Problem problem{x.typed_data() + l * n * d, wq.data(), wt.data(), bias_padded.data(), labels.typed_data(),
@@ -399,14 +408,8 @@ ffi::Error LogisticEvalImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   }
   *loss->typed_data() = static_cast<float>(total.loss);
   float* gx_out = gx->typed_data();
-  for (int64_t q = 0; q < quads; ++q)
-    for (int64_t kk = 0; kk < k; ++kk)
-      for (int64_t lane = 0; lane < kLanes && kk * kLanes + lane < c; ++lane)
-        for (int64_t i = 0; i < 4; ++i)
-          gx_out[(4 * q + i) * c + kk * kLanes + lane] = total.gq[(q * k + kk) * 4 + lane / 2][(lane % 2) * 4 + i];
-  for (int64_t row = 4 * quads; row < d; ++row)
-    for (int64_t cls = 0; cls < c; ++cls)
-      gx_out[row * c + cls] = total.gt[(row - 4 * quads) * k + cls / kLanes][cls % kLanes];
+  for_each_entry(total.gq.data(), total.gt.data(), d, c, k, quads,
+                 [&](int64_t row, int64_t cls, float& entry) { gx_out[row * c + cls] = entry; });
   for (int64_t cls = 0; cls < c; ++cls) gb->typed_data()[cls] = total.gb[cls / kLanes][cls % kLanes];
   return ffi::Error::Success();
 }
