@@ -89,7 +89,7 @@ def test_unstacked_layers_equal_the_stacked_scan(hf_checkpoints):
         logits.append((prefill.logits, step.logits))
         if per_layer:
             assert isinstance(step.cache, tuple) and len(step.cache) == cfg.text.num_layers
-            assert step.cache[0]["k"].shape == (n, cfg.text.num_kv_heads, t + 1, cfg.text.head_dim)
+            assert step.cache[0]["k"].shape == (n * cfg.text.num_kv_heads, t + 1, cfg.text.head_dim)
     for got, want in zip(logits[1], logits[0]):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
@@ -189,3 +189,35 @@ def test_single_token_output_projection_equals_the_einsum():
     x = jax.random.normal(keys[4], (2, 1, 4, 8))
     np.testing.assert_allclose(np.asarray(layers.merge_heads(x, params)),
                                np.asarray(layers._project(x, params, "he", "d")), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_decode_loop_never_copies_the_cache(hf_checkpoints, rows):
+    """The compiled generate program (CPU options) writes each layer's cache in place and its
+    attention reads that same buffer: no op copies a whole cache buffer. With a [B, K, S, E]
+    cache, XLA CPU copied every layer's cache two or three times per decode step (batch-4 step
+    of the 62M CPU model 38.9 vs 14.5 ms; benchmarks/RESULTS.md)."""
+    import re
+
+    folder, _, hf_config = hf_checkpoints("clip-llama-mha")
+    model = vj.load(folder, progress=False)
+    batch = hf_factory.make_batch(hf_config, hf_factory.image_size("clip-llama-mha"), padding="left")
+    ids, mask = batch["input_ids"][:rows], batch["attention_mask"][:rows]
+    pixels = batch["pixel_values"][:rows]  # one image per row in this case
+    text = model.config.text
+    slots = ids.shape[1] + 16
+    hlo = gen.compiled_generate(model.params).lower(
+        model.params, model.config, ids, mask, pixels, jax.random.key(0), jnp.int32(4), new_slots=16,
+        sampling=gen.Sampling(), eos_ids=(), pad_id=0, fused=False,
+    ).compile().as_text()
+    cache_size = rows * text.num_kv_heads * slots * text.head_dim
+
+    def is_cache_buffer(shape: str) -> bool:  # e.g. f32[2,4,40,16]{3,2,1,0}: any layout of one layer's cache
+        dims = [int(d) for d in re.match(r"f32\[([\d,]*)\]", shape).group(1).split(",") if d]
+        return slots in dims and int(np.prod(dims)) == cache_size
+
+    ops = [re.match(r"\s*(?:ROOT )?%\S+ = (f32\[\S+) (\S+)\(", line) for line in hlo.splitlines()]
+    cache_ops = [(m.group(2), m.group(0)) for m in ops if m and is_cache_buffer(m.group(1))]
+    assert cache_ops, "no op of a cache buffer's size found: the test no longer sees the cache"
+    copies = [text for kind, text in cache_ops if kind == "copy"]
+    assert not copies, "the decode program copies whole cache buffers:\n" + "\n".join(copies)

@@ -76,6 +76,7 @@ def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, ca
     def layer(p: dict, carry, per_layer: dict, index):
         # with a cache the scan carries (h, cache): each layer writes its slots in place
         h, cache = carry if isinstance(carry, tuple) else (carry, None)
+        batch, t_len = h.shape[:2]
         site_ops, attn_ops = rebuild_edits(per_layer["edits"])
         sites = Sites(wanted, site_ops, attn_ops, prefix="text.")
         h = sites("resid_pre", constrain(h, ("batch", "length", "act_embed")))
@@ -87,23 +88,26 @@ def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, ca
         report = sites.report
         blocked = cache is None or prefill
         if cache is not None:  # write the new keys/values into this layer's slots of the cache
-            # heads-major [(L,) B, K, S, E]: the layout attention computes in, so reading the cache
-            # back costs no transpose (XLA cancels the two below). A stacked cache [L, ...] is
-            # written at this layer's index; an unstacked layer gets its own [B, K, S, E].
-            stacked = cache["k"].ndim == 5
+            # Rows are (sequence, kv head) pairs, [(L,) B*K, S, E]: the "heads" layout the
+            # attention's products take, so the product reads the very buffer the write updates
+            # in place. With a [B, K, S, E] cache, the product's operand was a reshape of the
+            # write's result, and XLA CPU then copied the whole cache in every decode step (three
+            # copies per layer at batch 1, two at batch 4: benchmarks/RESULTS.md).
+            stacked = cache["k"].ndim == 4
 
             def write(buffer, new):
-                new = new.transpose(0, 2, 1, 3).astype(buffer.dtype)
+                new = new.transpose(0, 2, 1, 3).reshape(-1, t_len, new.shape[-1]).astype(buffer.dtype)
                 if stacked:
-                    return jax.lax.dynamic_update_slice(buffer, new[None], (index, 0, 0, cache_index, 0))
-                return jax.lax.dynamic_update_slice(buffer, new, (0, 0, cache_index, 0))
+                    return jax.lax.dynamic_update_slice(buffer, new[None], (index, 0, cache_index, 0))
+                return jax.lax.dynamic_update_slice(buffer, new, (0, cache_index, 0))
 
-            def read(buffer):
-                return jax.lax.dynamic_index_in_dim(buffer, index, keepdims=False) if stacked else buffer
+            def read(buffer):  # -> [B, S, K, E], the layout attention() takes
+                rows = jax.lax.dynamic_index_in_dim(buffer, index, keepdims=False) if stacked else buffer
+                return rows.reshape(batch, -1, *rows.shape[1:]).transpose(0, 2, 1, 3)
 
             cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
             if not prefill:  # a prefill attends to its own keys only: the later slots are still empty
-                k, v = (read(cache[name]).transpose(0, 2, 1, 3) for name in ("k", "v"))
+                k, v = read(cache["k"]), read(cache["v"])
         bias = biases[per_layer["mask_kind"]] if biases.shape[0] > 1 else biases[0]
         want_pattern = "attn_pattern" in wanted
         out, pattern = attention(
@@ -146,8 +150,9 @@ def forward(
       positions: [B, T] rotary position ids.
       key_valid: [B, S] False at padding; S = T without a cache, else the cache length.
       capture: per-layer sites (LAYER_SITES) to return stacked [L, ...].
-      cache: {'k', 'v': [L, B, K, S, E]} (init_cache), a tuple of per-layer caches
-        {'k', 'v': [B, K, S, E]} (init_cache(..., per_layer=True), with unstacked layers) or None.
+      cache: {'k', 'v': [L, B*K, S, E]} (init_cache; row b*K + j holds sequence b's kv head j), a
+        tuple of per-layer caches {'k', 'v': [B*K, S, E]} (init_cache(..., per_layer=True), with
+        unstacked layers) or None.
       cache_index: slot of the first of the T tokens in the cache.
       site_ops, attention_ops: this tower's edits (vlm_jax.interp.edits).
       layer_range: run only layers start..end-1 (embeds is then layer start's input); used by
@@ -230,9 +235,10 @@ def unembed(params: dict, lm_head: dict | None, h: jax.Array) -> jax.Array:
 
 
 def init_cache(cfg: TextConfig, batch: int, length: int, dtype, per_layer: bool = False) -> dict | tuple:
-    """An empty key/value cache of `length` slots: {'k', 'v': [L, B, K, S, E]}, or with
-    per_layer a tuple of L caches {'k', 'v': [B, K, S, E]} (for unstack_layers parameters)."""
-    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+    """An empty key/value cache of `length` slots: {'k', 'v': [L, B*K, S, E]}, or with per_layer
+    a tuple of L caches {'k', 'v': [B*K, S, E]} (for unstack_layers parameters). Row b*K + j
+    holds sequence b's kv head j."""
+    shape = (batch * cfg.num_kv_heads, length, cfg.head_dim)
     if per_layer:
         return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers))
     shape = (cfg.num_layers, *shape)
