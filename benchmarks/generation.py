@@ -3,7 +3,8 @@
 Model: the LLaVA-1.5-shaped CPU preset (~62M parameters, 576 image tokens), random weights
 written once as a transformers folder so both libraries load the same tensors. Inputs: batch
 1 and 4, one image each, ~600 prompt tokens; N new tokens with no EOS stop (both libraries
-produce exactly N tokens). Before timing, both must produce the same tokens.
+produce exactly N tokens), for each N given (default 32 and 128: at 32 the prefill is over half
+of the time). Before timing, both must produce the same tokens (at the longest N).
 
 Reported: median seconds for prefill + N tokens, new tokens/s, the ratio, and each library's
 time against the FLOP floor (prefill and N - 1 cached steps at the best measured matmul
@@ -11,7 +12,7 @@ rate); and the decode steps alone, from the same runs with 1 new token (prefill 
 token) subtracted: (t_N - t_1) / (N - 1) per step, i.e. tokens/s of the cached decode loop
 without the prefill.
 
-    python benchmarks/generation.py [--batches 1 4] [--new-tokens 32] [--repeats 3]
+    python benchmarks/generation.py [--batches 1 4] [--new-tokens 32 128] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from interp import build_model, make_inputs  # noqa: E402
 
 def main() -> None:
     parser = workload_parser(__doc__, repeats=3)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, nargs="+", default=[32, 128],
+                        help="generation lengths to time (each against the same 1-token runs)")
     args = parser.parse_args()
 
     import torch
@@ -41,45 +43,49 @@ def main() -> None:
     folder = build_model(args.workdir)
     model = vj.load(folder, progress=False)
     hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-    n = args.new_tokens
-    print(f"machine: {machine()}\nmodel: {model}\nnew tokens: {n} (greedy, no EOS stop)\n")
+    lengths = args.new_tokens
+    if min(lengths) < 2:
+        parser.error("--new-tokens: every length must be >= 2 (the decode step is timed against 1-token runs)")
+    print(f"machine: {machine()}\nmodel: {model}\nnew tokens: {lengths} (greedy, no EOS stop)\n")
     peak = matmul_peak()["best"]
     print(f"best float32 matmul: {peak / 1e9:.0f} GFLOP/s; floor = the FLOPs of prefill and decode steps at "
           "that rate (decoding at small batch is bound by reading the weights, not by FLOPs)\n")
     rows = []
     for batch in args.batches:
         arrays = make_inputs(model.config, batch)
-        ours = lambda k=n: model.generate(arrays, k, eos_token_ids=()).tokens  # noqa: E731
+        ours = lambda k: model.generate(arrays, k, eos_token_ids=()).tokens  # noqa: E731
         t_in = {k: torch.from_numpy(v) for k, v in arrays.items()}
 
-        def theirs(k=n):
+        def theirs(k):
             with torch.no_grad():
                 out = hf.generate(**t_in, max_new_tokens=k, min_new_tokens=k, do_sample=False,
                                   pad_token_id=0, eos_token_id=None)
             return out[:, arrays["input_ids"].shape[1]:].numpy()
 
-        same = np.array_equal(np.asarray(ours()), theirs())
-        if not same:
+        longest = max(lengths)
+        if not np.array_equal(np.asarray(ours(longest)), theirs(longest)):
             raise SystemExit(f"batch {batch}: vlm_jax and transformers generated different tokens")
-        t_ours = timed(lambda: np.asarray(ours()), args.repeats)["median"]
-        t_hf = timed(theirs, args.repeats)["median"]
         t1_ours = timed(lambda: np.asarray(ours(1)), args.repeats)["median"]
         t1_hf = timed(lambda: theirs(1), args.repeats)["median"]
-        step_ours, step_hf = (t_ours - t1_ours) / (n - 1), (t_hf - t1_hf) / (n - 1)
-        row = {"batch": batch, "new_tokens": n, "vlm_jax_s": t_ours, "transformers_s": t_hf,
-               "vlm_jax_tok_s": batch * n / t_ours, "transformers_tok_s": batch * n / t_hf,
-               "speedup": t_hf / t_ours, "vlm_jax_first_token_s": t1_ours, "transformers_first_token_s": t1_hf,
-               "vlm_jax_decode_step_s": step_ours, "transformers_decode_step_s": step_hf,
-               "decode_speedup": step_hf / step_ours,
-               "floor_s": generation_flops(model.config, batch, arrays["input_ids"].shape[1], n) / peak}
-        rows.append(row)
-        print(f"batch {batch}: vlm_jax {t_ours:.3f}s ({row['vlm_jax_tok_s']:.1f} tok/s)  transformers "
-              f"{t_hf:.3f}s ({row['transformers_tok_s']:.1f} tok/s)  -> {row['speedup']:.2f}x  [tokens equal]")
-        print(f"  prefill + first token: vlm_jax {t1_ours:.3f}s, transformers {t1_hf:.3f}s; decode step: vlm_jax "
-              f"{1e3 * step_ours:.1f} ms ({batch / step_ours:.0f} tok/s), transformers {1e3 * step_hf:.1f} ms "
-              f"({batch / step_hf:.0f} tok/s) -> {step_hf / step_ours:.2f}x")
-        print(f"  FLOP floor {row['floor_s']:.3f}s: vlm_jax {t_ours / row['floor_s']:.2f}x it, transformers "
-              f"{t_hf / row['floor_s']:.2f}x")
+        for n in lengths:
+            t_ours = timed(lambda: np.asarray(ours(n)), args.repeats)["median"]
+            t_hf = timed(lambda: theirs(n), args.repeats)["median"]
+            step_ours, step_hf = (t_ours - t1_ours) / (n - 1), (t_hf - t1_hf) / (n - 1)
+            row = {"batch": batch, "new_tokens": n, "vlm_jax_s": t_ours, "transformers_s": t_hf,
+                   "vlm_jax_tok_s": batch * n / t_ours, "transformers_tok_s": batch * n / t_hf,
+                   "speedup": t_hf / t_ours, "vlm_jax_first_token_s": t1_ours, "transformers_first_token_s": t1_hf,
+                   "vlm_jax_decode_step_s": step_ours, "transformers_decode_step_s": step_hf,
+                   "decode_speedup": step_hf / step_ours,
+                   "floor_s": generation_flops(model.config, batch, arrays["input_ids"].shape[1], n) / peak}
+            rows.append(row)
+            print(f"batch {batch}, {n} new tokens: vlm_jax {t_ours:.3f}s ({row['vlm_jax_tok_s']:.1f} tok/s)  "
+                  f"transformers {t_hf:.3f}s ({row['transformers_tok_s']:.1f} tok/s)  -> {row['speedup']:.2f}x  "
+                  "[tokens equal]")
+            print(f"  prefill + first token: vlm_jax {t1_ours:.3f}s, transformers {t1_hf:.3f}s; decode step: "
+                  f"vlm_jax {1e3 * step_ours:.1f} ms ({batch / step_ours:.0f} tok/s), transformers "
+                  f"{1e3 * step_hf:.1f} ms ({batch / step_hf:.0f} tok/s) -> {step_hf / step_ours:.2f}x")
+            print(f"  FLOP floor {row['floor_s']:.3f}s: vlm_jax {t_ours / row['floor_s']:.2f}x it, transformers "
+                  f"{t_hf / row['floor_s']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "rows": rows}, f, indent=2)

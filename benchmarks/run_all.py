@@ -36,7 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FULL = [
     ("interp", ["--batches", "1", "4", "--repeats", "5"]),
     ("interp_tools", ["--batches", "1", "--repeats", "3"]),
-    ("generation", ["--batches", "1", "4", "--new-tokens", "32", "--repeats", "3"]),
+    ("generation", ["--batches", "1", "4", "--new-tokens", "32", "128", "--repeats", "3"]),
     ("finetune", ["--steps", "5"]),
     ("probes", ["--repeats", "3"]),
     ("loading", ["--repeats", "3"]),
