@@ -61,6 +61,18 @@ def matmul_peak(sizes=(2048, 4096), repeats: int = 5) -> dict:
     return best
 
 
+def stream_peak(megabytes: int = 512, repeats: int = 7) -> float:
+    """Best rate (bytes/s) at which a jitted sum reads a float32 array of `megabytes`, far larger
+    than any CPU cache: the memory bandwidth that bounds decoding at small batch."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    t = timed(lambda: total(x).block_until_ready(), repeats)["min"]
+    return x.nbytes / t
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -118,10 +130,39 @@ def train_step_flops(cfg, batch: int, tokens: int, images: int, answer_positions
     return forward + forward_flops(cfg, batch, tokens, images=0, logit_positions=answer_positions)
 
 
+def decode_step_flops(cfg, batch: int, cached_tokens: int) -> float:
+    """FLOPs of one cached decode step: one token per row through every text weight and the
+    unembedding, and attention over `cached_tokens`."""
+    attention = 4 * cfg.text.num_layers * cfg.text.hidden_size * cached_tokens
+    per_row = forward_flops(cfg, 1, 1, 0, logit_positions=1) + attention
+    return float(batch * per_row)
+
+
 def generation_flops(cfg, batch: int, prompt: int, new_tokens: int) -> float:
     """FLOPs of greedy decoding: the prefill (logits at the last position) and new_tokens - 1
     cached steps of one token each (every weight once, attention over the cache).
     Decoding at small batch is bound by reading the weights, not by these FLOPs."""
     prefill = forward_flops(cfg, batch, prompt, batch, logit_positions=1)
-    per_step = forward_flops(cfg, 1, 1, 0, logit_positions=1) + 4 * cfg.text.num_layers * cfg.text.hidden_size * prompt
-    return prefill + (new_tokens - 1) * batch * per_step
+    return prefill + (new_tokens - 1) * decode_step_flops(cfg, batch, prompt)
+
+
+def decode_step_bytes(cfg, batch: int, cached_tokens: int, dtype_bytes: int = 4) -> float:
+    """Least bytes one cached decode step reads: every text-decoder weight and the unembedding
+    once (the embedding row lookups are negligible), and each row's keys and values of the
+    `cached_tokens` it attends to."""
+    t = cfg.text
+    proj = t.hidden_size * t.head_dim * (2 * t.num_heads + 2 * t.num_kv_heads)
+    layer = proj + 3 * t.hidden_size * t.intermediate_size + 2 * t.hidden_size
+    weights = t.num_layers * layer + t.hidden_size * (t.vocab_size + 1)
+    cache = batch * t.num_layers * 2 * t.num_kv_heads * t.head_dim * cached_tokens
+    return float((weights + cache) * dtype_bytes)
+
+
+def generation_floor(cfg, batch: int, prompt: int, new_tokens: int, flop_rate: float, byte_rate: float) -> float:
+    """Least seconds of greedy decoding on a roofline: the prefill's FLOPs at `flop_rate`, then
+    each of the new_tokens - 1 cached steps at the slower of its FLOPs (at `flop_rate`) and its
+    bytes (decode_step_bytes at `byte_rate`)."""
+    prefill = forward_flops(cfg, batch, prompt, batch, logit_positions=1) / flop_rate
+    steps = sum(max(decode_step_flops(cfg, batch, prompt + i) / flop_rate,
+                    decode_step_bytes(cfg, batch, prompt + i) / byte_rate) for i in range(1, new_tokens))
+    return prefill + steps

@@ -7,10 +7,14 @@ produce exactly N tokens), for each N given (default 32 and 128: at 32 the prefi
 of the time). Before timing, both must produce the same tokens (at the longest N).
 
 Reported: median seconds for prefill + N tokens, new tokens/s, the ratio, and each library's
-time against the FLOP floor (prefill and N - 1 cached steps at the best measured matmul
-rate); and the decode steps alone, from the same runs with 1 new token (prefill + first
-token) subtracted: (t_N - t_1) / (N - 1) per step, i.e. tokens/s of the cached decode loop
-without the prefill.
+time against two floors:
+- FLOPs alone: the prefill and N - 1 cached steps at the best measured matmul rate;
+- a roofline: the prefill at that rate, and each decode step at the slower of its FLOPs and
+  the bytes it must read (every text weight, the unembedding, the filled cache) at the best
+  measured read rate. Decoding at small batch is bound by the bytes.
+And the decode steps alone, from the same runs with 1 new token (prefill + first token)
+subtracted: (t_N - t_1) / (N - 1) per step, i.e. tokens/s of the cached decode loop without
+the prefill, against the roofline's steps.
 
     python benchmarks/generation.py [--batches 1 4] [--new-tokens 32 128] [--repeats 3]
 """
@@ -24,7 +28,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import generation_flops, machine, matmul_peak, timed, workload_parser  # noqa: E402
+from common import (generation_flops, generation_floor, machine, matmul_peak, stream_peak, timed,  # noqa: E402
+                    workload_parser)
 from interp import build_model, make_inputs  # noqa: E402
 
 
@@ -48,11 +53,15 @@ def main() -> None:
         parser.error("--new-tokens: every length must be >= 2 (the decode step is timed against 1-token runs)")
     print(f"machine: {machine()}\nmodel: {model}\nnew tokens: {lengths} (greedy, no EOS stop)\n")
     peak = matmul_peak()["best"]
-    print(f"best float32 matmul: {peak / 1e9:.0f} GFLOP/s; floor = the FLOPs of prefill and decode steps at "
-          "that rate (decoding at small batch is bound by reading the weights, not by FLOPs)\n")
+    bandwidth = stream_peak()
+    print(f"best float32 matmul: {peak / 1e9:.0f} GFLOP/s; best read rate: {bandwidth / 1e9:.1f} GB/s (a jitted "
+          "sum over 512 MiB).\nFLOP floor = prefill and decode steps at the matmul rate; roofline floor = the "
+          "prefill at the matmul rate, each decode step at the slower of its FLOPs and its bytes (every text "
+          "weight, the unembedding and the filled cache, at the read rate)\n")
     rows = []
     for batch in args.batches:
         arrays = make_inputs(model.config, batch)
+        prompt = arrays["input_ids"].shape[1]
         ours = lambda k: model.generate(arrays, k, eos_token_ids=()).tokens  # noqa: E731
         t_in = {k: torch.from_numpy(v) for k, v in arrays.items()}
 
@@ -76,7 +85,10 @@ def main() -> None:
                    "speedup": t_hf / t_ours, "vlm_jax_first_token_s": t1_ours, "transformers_first_token_s": t1_hf,
                    "vlm_jax_decode_step_s": step_ours, "transformers_decode_step_s": step_hf,
                    "decode_speedup": step_hf / step_ours,
-                   "floor_s": generation_flops(model.config, batch, arrays["input_ids"].shape[1], n) / peak}
+                   "floor_s": generation_flops(model.config, batch, prompt, n) / peak,
+                   "roofline_floor_s": generation_floor(model.config, batch, prompt, n, peak, bandwidth),
+                   "decode_step_floor_s": (generation_floor(model.config, batch, prompt, n, peak, bandwidth)
+                                           - generation_floor(model.config, batch, prompt, 1, peak, bandwidth)) / (n - 1)}
             rows.append(row)
             print(f"batch {batch}, {n} new tokens: vlm_jax {t_ours:.3f}s ({row['vlm_jax_tok_s']:.1f} tok/s)  "
                   f"transformers {t_hf:.3f}s ({row['transformers_tok_s']:.1f} tok/s)  -> {row['speedup']:.2f}x  "
@@ -84,8 +96,11 @@ def main() -> None:
             print(f"  prefill + first token: vlm_jax {t1_ours:.3f}s, transformers {t1_hf:.3f}s; decode step: "
                   f"vlm_jax {1e3 * step_ours:.1f} ms ({batch / step_ours:.0f} tok/s), transformers "
                   f"{1e3 * step_hf:.1f} ms ({batch / step_hf:.0f} tok/s) -> {step_hf / step_ours:.2f}x")
+            roof, step_floor = row["roofline_floor_s"], row["decode_step_floor_s"]
             print(f"  FLOP floor {row['floor_s']:.3f}s: vlm_jax {t_ours / row['floor_s']:.2f}x it, transformers "
-                  f"{t_hf / row['floor_s']:.2f}x")
+                  f"{t_hf / row['floor_s']:.2f}x; roofline floor {roof:.3f}s: vlm_jax {t_ours / roof:.2f}x, "
+                  f"transformers {t_hf / roof:.2f}x; decode step floor {1e3 * step_floor:.1f} ms: vlm_jax "
+                  f"{step_ours / step_floor:.2f}x, transformers {step_hf / step_floor:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "rows": rows}, f, indent=2)

@@ -31,3 +31,29 @@ def test_gpu_benchmark_script_runs_every_workload_on_a_tiny_model(tmp_path):
             assert math.isfinite(row[key]) and row[key] > 0, (row["workload"], key, row[key])
     assert "all tokens 1.00" in rows["decode"]["note"]  # float32: the same tokens as generate()
     assert "| full |" in proc.stdout and report["peak_flops"]["best"] > 0
+
+
+def test_decode_step_bytes_count_every_weight_a_step_reads():
+    """The roofline floor of decoding reads each text-decoder weight and the unembedding once:
+    decode_step_bytes with an empty cache equals those parameters of the real parameter specs,
+    and the cache adds keys and values per row, layer and token."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from common import decode_step_bytes, generation_floor
+
+    from vlm_jax.config import preset
+    from vlm_jax.models import llava
+    from vlm_jax.models.params import flatten
+
+    for name in ("llava-1.5-cpu-60m", "llava-1.5-7b"):
+        cfg = preset(name)
+        specs = flatten(llava.param_specs(cfg))
+        read = sum(math.prod(s.shape) for path, s in specs.items()
+                   if path[0] == "lm_head" or (path[0] == "language_model" and path[1] != "embed_tokens"))
+        assert decode_step_bytes(cfg, batch=3, cached_tokens=0) == 4 * read
+        t = cfg.text
+        per_token = 2 * t.num_layers * t.num_kv_heads * t.head_dim * 4
+        assert decode_step_bytes(cfg, 3, 10) - decode_step_bytes(cfg, 3, 0) == 3 * 10 * per_token
+    # a step bound by memory costs its bytes at the read rate; by FLOPs, its FLOPs at the matmul rate
+    cfg = preset("llava-1.5-cpu-60m")
+    slow_memory = generation_floor(cfg, 1, 600, 2, 1e11, 1e9) - generation_floor(cfg, 1, 600, 1, 1e11, 1e9)
+    assert math.isclose(slow_memory, decode_step_bytes(cfg, 1, 601) / 1e9)

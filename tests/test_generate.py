@@ -195,8 +195,8 @@ def test_single_token_output_projection_equals_the_einsum():
 def test_decode_loop_never_copies_the_cache(hf_checkpoints, rows):
     """The compiled generate program (CPU options) writes each layer's cache in place and its
     attention reads that same buffer: no op copies a whole cache buffer. With a [B, K, S, E]
-    cache, XLA CPU copied every layer's cache two or three times per decode step (batch-4 step
-    of the 62M CPU model 38.9 vs 14.5 ms; benchmarks/RESULTS.md)."""
+    cache, XLA CPU copied each layer's cache several times per decode step (batch-4 step of
+    the 62M CPU model 38.9 vs 15.7 ms; benchmarks/RESULTS.md)."""
     import re
 
     folder, _, hf_config = hf_checkpoints("clip-llama-mha")

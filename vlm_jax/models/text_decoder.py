@@ -91,8 +91,8 @@ def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, ca
             # Rows are (sequence, kv head) pairs, [(L,) B*K, S, E]: the "heads" layout the
             # attention's products take, so the product reads the very buffer the write updates
             # in place. With a [B, K, S, E] cache, the product's operand was a reshape of the
-            # write's result, and XLA CPU then copied the whole cache in every decode step (three
-            # copies per layer at batch 1, two at batch 4: benchmarks/RESULTS.md).
+            # write's result, and XLA CPU then copied each layer's cache several times in every
+            # decode step (benchmarks/RESULTS.md).
             stacked = cache["k"].ndim == 4
 
             def write(buffer, new):
