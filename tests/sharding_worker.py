@@ -117,6 +117,42 @@ def train_pair(folder, plan, workdir, name, **extra) -> dict:
     }
 
 
+def tensor_parallel_report(folder, base) -> dict:
+    """Heads split over the tensor axis, two sequences per batch shard (mesh data=4, tensor=2,
+    batch 8): the attention activations gathered in the compiled forward and decode programs
+    (none is expected: each device computes the attention of its own heads), and whether the
+    results equal the unsharded model's."""
+    import re
+
+    from vlm_jax import generate as gen
+    from vlm_jax.models import llava
+
+    plan = S.ShardingPlan(S.make_mesh(data=4, tensor=2))
+    model = vj.load(folder, progress=False, sharding=plan)
+    exs = examples(8)
+    batch = base.prepare([ex["prompt"] for ex in exs], images=[ex["images"][0] for ex in exs])
+    arrays = model.place(dict(batch))
+    head_dims = {base.config.text.head_dim, base.config.vision.hidden_size // base.config.vision.num_heads}
+
+    def attention_gathers(hlo: str) -> list[str]:
+        """all-gathers of rank >= 4 ending in a head dim: q, k, v, scores or outputs of attention."""
+        shapes = re.findall(r"= \w+\[([\d,]+)\]\S* all-gather(?:-start)?\(", hlo)
+        return [s for s in shapes if len(s.split(",")) >= 4 and int(s.split(",")[-1]) in head_dims]
+
+    with jax.set_mesh(plan.mesh):
+        forward = jax.jit(lambda p, a: llava.forward(p, model.config, a).logits).lower(model.params, arrays)
+        forward_gathers = attention_gathers(forward.compile().as_text())
+        ids, mask = gen.left_align(np.asarray(batch.input_ids), np.asarray(batch.attention_mask), 0)
+        decode = gen.compiled_generate(model.params).lower(
+            model.params, model.config, *model.place({"input_ids": ids, "attention_mask": mask}).values(),
+            arrays["pixel_values"], jax.random.key(0), jnp.int32(4), new_slots=8, sampling=gen.Sampling(), eos_ids=(),
+            pad_id=0, fused=False)
+        decode_gathers = attention_gathers(decode.compile().as_text())
+    return {"forward_attention_gathers": forward_gathers, "decode_attention_gathers": decode_gathers,
+            "logits_diff": max_diff(base.run(batch).logits, model.run(batch).logits),
+            "generate_equal": bool(np.array_equal(base.generate(batch, 5).tokens, model.generate(batch, 5).tokens))}
+
+
 def main(workdir: str) -> None:
     assert jax.device_count() == 8, jax.devices()
     tok = build_tokenizer()
@@ -172,6 +208,7 @@ def main(workdir: str) -> None:
         float(np.max(np.abs(np.load(os.path.join(workdir, "feat-single", f))
                             - np.load(os.path.join(workdir, "feat-sharded", f))))) for f in stored)
 
+    report["tensor_parallel"] = tensor_parallel_report(folder, base)
     report["bad_input"] = bad_input_report(plan)
     report["train_full"] = train_pair(folder, plan, workdir, "full")
     report["train_lora"] = train_pair(folder, plan, workdir, "lora", lora=LoraConfig(rank=4))

@@ -12,7 +12,9 @@ from vlm_jax.nn import attention as A
 
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("causal_block", [16, None])  # 16: causal blocks; None: one block (plain attention)
-def test_custom_backward_matches_autodiff_of_the_explicit_softmax(batch, causal_block):
+@pytest.mark.parametrize("merged", [True, False])  # False: B and K kept apart, as under a tensor-split mesh
+def test_custom_backward_matches_autodiff_of_the_explicit_softmax(batch, causal_block, merged, monkeypatch):
+    monkeypatch.setattr(A, "merged_heads", lambda: merged)
     t_len, n_heads, n_kv, head_dim = 37, 4, 2, 8  # 37 tokens in blocks of 16: a ragged last block
     keys = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(keys[0], (batch, t_len, n_heads, head_dim))

@@ -48,6 +48,15 @@ def test_sharded_forward_capture_lens_equal_unsharded(report):
     assert report["generate_equal"]
 
 
+def test_tensor_parallel_attention_gathers_no_activations(report):
+    """With heads split over the tensor axis and several sequences per batch shard, no q, k,
+    v or attention output is gathered across devices, in the forward or the decode program.
+    (Products over one merged batch*heads axis made XLA gather them in every attention.)"""
+    tp = report["tensor_parallel"]
+    assert tp["forward_attention_gathers"] == [] and tp["decode_attention_gathers"] == []
+    assert tp["logits_diff"] < TOL and tp["generate_equal"]
+
+
 def test_sharded_feature_extraction_equals_unsharded(report):
     assert report["features_files"] == 3
     assert report["features_diff"] < TOL

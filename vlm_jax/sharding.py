@@ -129,6 +129,15 @@ def spec_for(shape: Sequence[int], axes: Sequence[str | None], mesh,
     return PartitionSpec(*parts), notes
 
 
+def splits(axis: str) -> bool:
+    """Whether the current mesh (jax.set_mesh) splits the logical activation `axis` over more
+    than one device. False outside a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return False
+    return math.prod(mesh.shape[a] for a in ACTIVATION_RULES.get(axis) or ()) > 1
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Pins activation `x` to the shards its logical `axes` name, under the current mesh.
 

@@ -19,7 +19,7 @@ from vlm_jax.interp.edits import layer_slices
 from vlm_jax.interp.site_hooks import Sites, score_editor
 from vlm_jax.models.layers import gated_mlp, merge_heads, project_heads, scan_layers, unrolled_layers
 from vlm_jax.models.params import ParamSpec, dense, norm, stack
-from vlm_jax.nn.attention import attention, causal_mask, mask_to_bias
+from vlm_jax.nn.attention import attention, causal_mask, mask_to_bias, merged_heads
 from vlm_jax.nn.norms import rms_norm
 from vlm_jax.nn.rope import apply_rope, rope_cos_sin
 from vlm_jax.sharding import constrain
@@ -70,7 +70,7 @@ def _heads(x: jax.Array, axis: str) -> jax.Array:
 
 
 def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, cache_index, rebuild_edits,
-           attn_edit_free: bool, prefill: bool = False):
+           attn_edit_free: bool, prefill: bool = False, stacked_cache: bool = False):
     groups = cfg.num_heads // cfg.num_kv_heads
 
     def layer(p: dict, carry, per_layer: dict, index):
@@ -88,22 +88,19 @@ def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, ca
         report = sites.report
         blocked = cache is None or prefill
         if cache is not None:  # write the new keys/values into this layer's slots of the cache
-            # Rows are (sequence, kv head) pairs, [(L,) B*K, S, E]: the "heads" layout the
-            # attention's products take, so the product reads the very buffer the write updates
-            # in place. With a [B, K, S, E] cache, the product's operand was a reshape of the
-            # write's result, and XLA CPU then copied each layer's cache several times in every
-            # decode step (benchmarks/RESULTS.md).
-            stacked = cache["k"].ndim == 4
-
+            # in the layout the attention's products read (init_cache), so each product reads
+            # the very buffer the write updated in place. A stacked cache [L, ...] is written at
+            # this layer's index.
             def write(buffer, new):
-                new = new.transpose(0, 2, 1, 3).reshape(-1, t_len, new.shape[-1]).astype(buffer.dtype)
-                if stacked:
-                    return jax.lax.dynamic_update_slice(buffer, new[None], (index, 0, cache_index, 0))
-                return jax.lax.dynamic_update_slice(buffer, new, (0, cache_index, 0))
+                slots = buffer.shape[1:] if stacked_cache else buffer.shape
+                new = new.transpose(0, 2, 1, 3).reshape(*slots[:-2], t_len, slots[-1]).astype(buffer.dtype)
+                if stacked_cache:
+                    return jax.lax.dynamic_update_slice(buffer, new[None], (index, *(0,) * (new.ndim - 2), cache_index, 0))
+                return jax.lax.dynamic_update_slice(buffer, new, (*(0,) * (new.ndim - 2), cache_index, 0))
 
             def read(buffer):  # -> [B, S, K, E], the layout attention() takes
-                rows = jax.lax.dynamic_index_in_dim(buffer, index, keepdims=False) if stacked else buffer
-                return rows.reshape(batch, -1, *rows.shape[1:]).transpose(0, 2, 1, 3)
+                heads = jax.lax.dynamic_index_in_dim(buffer, index, keepdims=False) if stacked_cache else buffer
+                return heads.reshape(batch, -1, *heads.shape[-2:]).transpose(0, 2, 1, 3)
 
             cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
             if not prefill:  # a prefill attends to its own keys only: the later slots are still empty
@@ -150,9 +147,8 @@ def forward(
       positions: [B, T] rotary position ids.
       key_valid: [B, S] False at padding; S = T without a cache, else the cache length.
       capture: per-layer sites (LAYER_SITES) to return stacked [L, ...].
-      cache: {'k', 'v': [L, B*K, S, E]} (init_cache; row b*K + j holds sequence b's kv head j), a
-        tuple of per-layer caches {'k', 'v': [B*K, S, E]} (init_cache(..., per_layer=True), with
-        unstacked layers) or None.
+      cache: {'k', 'v': [L, B, K, S, E]} (init_cache), a tuple of per-layer caches
+        {'k', 'v': [B, K, S, E]} (init_cache(..., per_layer=True), with unstacked layers) or None.
       cache_index: slot of the first of the T tokens in the cache.
       site_ops, attention_ops: this tower's edits (vlm_jax.interp.edits).
       layer_range: run only layers start..end-1 (embeds is then layer start's input); used by
@@ -199,7 +195,7 @@ def forward(
         else:
             stacked = jax.tree.map(lambda a: a[start:end], stacked)
     layer = _layer(cfg, frozenset(capture), fused, biases, cos, sin, cache_index, rebuild_edits, not attention_ops,
-                   prefill)
+                   prefill, stacked_cache=cache is not None and not unstacked)
     if unstacked:
         return unrolled_layers(layer, embeds, stacked, per_layer, states=cache, remat=remat)
     if cache is None:
@@ -236,9 +232,16 @@ def unembed(params: dict, lm_head: dict | None, h: jax.Array) -> jax.Array:
 
 def init_cache(cfg: TextConfig, batch: int, length: int, dtype, per_layer: bool = False) -> dict | tuple:
     """An empty key/value cache of `length` slots: {'k', 'v': [L, B*K, S, E]}, or with per_layer
-    a tuple of L caches {'k', 'v': [B*K, S, E]} (for unstack_layers parameters). Row b*K + j
-    holds sequence b's kv head j."""
-    shape = (batch * cfg.num_kv_heads, length, cfg.head_dim)
+    a tuple of L caches {'k', 'v': [B*K, S, E]} (for unstack_layers parameters); row b*K + j
+    holds sequence b's kv head j.
+
+    That is the layout the attention's products read (nn.attention: "heads"), so a decode step
+    reads the very buffer it updated in place. Stored [B, K, S, E], the product read a reshape
+    of the write, and XLA CPU copied each layer's cache several times in every decode step
+    (benchmarks/RESULTS.md). Under a mesh that splits the kv heads the products keep B and K
+    apart, and so does the cache: [(L,) B, K, S, E]."""
+    rows = (batch * cfg.num_kv_heads,) if merged_heads() else (batch, cfg.num_kv_heads)
+    shape = (*rows, length, cfg.head_dim)
     if per_layer:
         return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers))
     shape = (cfg.num_layers, *shape)

@@ -23,6 +23,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from vlm_jax.sharding import splits
+
 
 def default_fused_attention() -> bool:
     """Whether `fused_attention=None` means fused: the fused kernels (cuDNN flash attention,
@@ -105,24 +107,35 @@ def mask_to_bias(mask: jax.Array, dtype=jnp.float32) -> jax.Array:
 # tokens, 8 heads, batch 1): causal attention 7.2 -> 5.4 ms, its gradient 21.7 -> 17.2 ms; the
 # scale, mask and row max fuse into the score product instead of following a copy of it. The
 # whole LLaVA-shaped CPU model's forward went 0.49 -> 0.39-0.41 s.
+#
+# Under a mesh that splits the kv heads (tensor parallelism), B and K stay separate axes
+# ([B, K, G*T, E] and [B, K, S, E]): one axis of B*K split over both the batch's and the heads'
+# devices cannot hold a shard of several sequences' heads, so XLA gathered q, k and v over the
+# tensor axis in every attention (tests/test_sharding.py counts the gathers). Unsharded, the
+# merged form measured 2-5% faster for the whole CPU model's forward.
+
+
+def merged_heads() -> bool:
+    """Whether the products merge the batch and kv-head axes (no mesh splits the kv heads)."""
+    return not splits("act_kv_heads")
 
 
 def _rows(x):
-    """[B, K, G, T, E] -> [B*K, G*T, E]."""
+    """[B, K, G, T, E] -> [B*K, G*T, E] (merged_heads) or [B, K, G*T, E]."""
     b, kv, g, t, e = x.shape
-    return x.reshape(b * kv, g * t, e)
+    return x.reshape(b * kv, g * t, e) if merged_heads() else x.reshape(b, kv, g * t, e)
 
 
 def _heads(y):
-    """[B, K, S, E] -> [B*K, S, E]."""
-    return y.reshape(-1, *y.shape[2:])
+    """[B, K, S, E] -> [B*K, S, E] (merged_heads) or unchanged."""
+    return y.reshape(-1, *y.shape[2:]) if merged_heads() else y
 
 
 def _row_scores(q_rows, k_heads, scale):
-    """float32 (or wider) scores [B*K, G*T, S] of queries [B*K, G*T, E] against keys
-    [B*K, S, E] before any edit or mask: the product in the activation dtype, scaled, as
-    transformers' eager attention computes it."""
-    scores = jnp.einsum("nme,nse->nms", q_rows, k_heads) * jnp.asarray(scale, q_rows.dtype)
+    """float32 (or wider) scores [..., G*T, S] of queries [..., G*T, E] (rows layout) against
+    keys [..., S, E] (heads layout) before any edit or mask: the product in the activation
+    dtype, scaled, as transformers' eager attention computes it."""
+    scores = jnp.einsum("...me,...se->...ms", q_rows, k_heads) * jnp.asarray(scale, q_rows.dtype)
     return scores.astype(jnp.promote_types(q_rows.dtype, jnp.float32))
 
 
@@ -144,22 +157,22 @@ def _scores_softmax(qg, k, v, scale, bias, score_edit, want_pattern):
     probs = jax.nn.softmax(scores, axis=-1).astype(qg.dtype)
     if edit_probs is not None:
         probs = edit_probs(probs)
-    out = jnp.einsum("nms,nse->nme", _rows(probs), _heads(v)).reshape(qg.shape)
+    out = jnp.einsum("...ms,...se->...me", _rows(probs), _heads(v)).reshape(qg.shape)
     return out, (probs if want_pattern else None)
 
 
 def _block_scores(q_rows, k_heads, bias_block, scale, kv_heads):
-    """float32 scores [B*K, G*tb, s] of a block of queries (rows layout) against keys
-    [B*K, s, E], as _scores_softmax computes them (without edits), plus the block's mask
-    bias_block [B, 1, tb, s] (or None)."""
+    """float32 scores [..., G*tb, s] of a block of queries (rows layout) against keys
+    [..., s, E] (heads layout), as _scores_softmax computes them (without edits), plus the
+    block's mask bias_block [B, 1, tb, s] (or None)."""
     scores = _row_scores(q_rows, k_heads, scale)
     if bias_block is None:
         return scores
     # added in a [B, K, G, tb, s] view: a mask broadcast to the rows layout would be materialised
-    n, m, s = scores.shape
+    m, s = scores.shape[-2:]
     tb = bias_block.shape[2]
-    view = scores.reshape(n // kv_heads, kv_heads, m // tb, tb, s) + bias_block[:, :, None].astype(scores.dtype)
-    return view.reshape(n, m, s)
+    view = scores.reshape(-1, kv_heads, m // tb, tb, s) + bias_block[:, :, None].astype(scores.dtype)
+    return view.reshape(scores.shape)
 
 
 def _blocked_attention_forward(qg, kt, vt, bias, scale, block):
@@ -175,13 +188,13 @@ def _blocked_attention_forward(qg, kt, vt, bias, scale, block):
     outs, lses = [], []
     for start in range(0, t_len, block):
         end = min(start + block, t_len)
-        scores = _block_scores(_rows(qg[:, :, :, start:end]), k_heads[:, :end],
+        scores = _block_scores(_rows(qg[:, :, :, start:end]), k_heads[..., :end, :],
                                None if bias is None else bias[:, :, start:end, :end], scale, kv)
         top = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
         unnormalised = jnp.exp(scores - top)
         total = jnp.sum(unnormalised, axis=-1, keepdims=True)
         probs = (unnormalised / total).astype(qg.dtype)  # as jax.nn.softmax, then the dtype round
-        out = jnp.einsum("nms,nse->nme", probs, v_heads[:, :end])
+        out = jnp.einsum("...ms,...se->...me", probs, v_heads[..., :end, :])
         outs.append(out.reshape(batch, kv, groups, end - start, -1))
         lses.append((top + jnp.log(total)).reshape(batch, kv, groups, end - start))
     return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
@@ -214,15 +227,16 @@ def _blocked_attention_bwd(scale, block, residuals, d_out):
     for start in range(0, t_len, block):
         end = min(start + block, t_len)
         q_rows, d_out_rows = _rows(qg[:, :, :, start:end]), _rows(d_out[:, :, :, start:end])
-        scores = _block_scores(q_rows, k_heads[:, :end], None if bias is None else bias[:, :, start:end, :end], scale,
-                               kv)
-        probs = jnp.exp(scores - lse[:, :, :, start:end].reshape(batch * kv, -1, 1))  # float32, as the forward
-        d_v = d_v.at[:, :end].add(jnp.einsum("nms,nme->nse", probs.astype(dtype), d_out_rows).astype(acc))
-        d_probs = jnp.einsum("nme,nse->nms", d_out_rows, v_heads[:, :end]).astype(acc)
-        row = row_term[:, :, :, start:end].reshape(batch * kv, -1, 1)
+        scores = _block_scores(q_rows, k_heads[..., :end, :], None if bias is None else bias[:, :, start:end, :end],
+                               scale, kv)
+        probs = jnp.exp(scores - lse[:, :, :, start:end].reshape(*q_rows.shape[:-1], 1))  # float32, as the forward
+        d_v = d_v.at[..., :end, :].add(jnp.einsum("...ms,...me->...se", probs.astype(dtype), d_out_rows).astype(acc))
+        d_probs = jnp.einsum("...me,...se->...ms", d_out_rows, v_heads[..., :end, :]).astype(acc)
+        row = row_term[:, :, :, start:end].reshape(*q_rows.shape[:-1], 1)
         d_scores = (probs * (d_probs - row) * scale).astype(dtype)
-        d_q.append(jnp.einsum("nms,nse->nme", d_scores, k_heads[:, :end]).reshape(batch, kv, groups, end - start, -1))
-        d_k = d_k.at[:, :end].add(jnp.einsum("nms,nme->nse", d_scores, q_rows).astype(acc))
+        d_q.append(jnp.einsum("...ms,...se->...me", d_scores, k_heads[..., :end, :])
+                   .reshape(batch, kv, groups, end - start, -1))
+        d_k = d_k.at[..., :end, :].add(jnp.einsum("...ms,...me->...se", d_scores, q_rows).astype(acc))
     d_bias = None if bias is None else jnp.zeros_like(bias)  # the mask is a constant
     return (jnp.concatenate(d_q, axis=3), d_k.reshape(kt.shape).astype(kt.dtype),
             d_v.reshape(vt.shape).astype(vt.dtype), d_bias)
