@@ -69,11 +69,12 @@ def main() -> None:
             with torch.no_grad():
                 out = hf.generate(**t_in, max_new_tokens=k, min_new_tokens=k, do_sample=False,
                                   pad_token_id=0, eos_token_id=None)
-            return out[:, arrays["input_ids"].shape[1]:].numpy()
+            return out[:, prompt:].numpy()
 
         longest = max(lengths)
         if not np.array_equal(np.asarray(ours(longest)), theirs(longest)):
             raise SystemExit(f"batch {batch}: vlm_jax and transformers generated different tokens")
+        roofs = {k: generation_floor(model.config, batch, prompt, k, peak, bandwidth) for k in (1, *lengths)}
         t1_ours = timed(lambda: np.asarray(ours(1)), args.repeats)["median"]
         t1_hf = timed(lambda: theirs(1), args.repeats)["median"]
         for n in lengths:
@@ -86,9 +87,7 @@ def main() -> None:
                    "vlm_jax_decode_step_s": step_ours, "transformers_decode_step_s": step_hf,
                    "decode_speedup": step_hf / step_ours,
                    "floor_s": generation_flops(model.config, batch, prompt, n) / peak,
-                   "roofline_floor_s": generation_floor(model.config, batch, prompt, n, peak, bandwidth),
-                   "decode_step_floor_s": (generation_floor(model.config, batch, prompt, n, peak, bandwidth)
-                                           - generation_floor(model.config, batch, prompt, 1, peak, bandwidth)) / (n - 1)}
+                   "roofline_floor_s": roofs[n], "decode_step_floor_s": (roofs[n] - roofs[1]) / (n - 1)}
             rows.append(row)
             print(f"batch {batch}, {n} new tokens: vlm_jax {t_ours:.3f}s ({row['vlm_jax_tok_s']:.1f} tok/s)  "
                   f"transformers {t_hf:.3f}s ({row['transformers_tok_s']:.1f} tok/s)  -> {row['speedup']:.2f}x  "

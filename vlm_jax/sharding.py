@@ -129,13 +129,18 @@ def spec_for(shape: Sequence[int], axes: Sequence[str | None], mesh,
     return PartitionSpec(*parts), notes
 
 
+def _current_mesh():
+    """The abstract mesh set by jax.set_mesh when it has our ('data', 'fsdp', 'tensor') axes,
+    else None (unsharded runs, or a mesh of someone else's making)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names) else mesh
+
+
 def splits(axis: str) -> bool:
     """Whether the current mesh (jax.set_mesh) splits the logical activation `axis` over more
     than one device. False outside a mesh."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
-        return False
-    return math.prod(mesh.shape[a] for a in ACTIVATION_RULES.get(axis) or ()) > 1
+    mesh = _current_mesh()
+    return mesh is not None and math.prod(mesh.shape[a] for a in ACTIVATION_RULES.get(axis) or ()) > 1
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
@@ -143,8 +148,8 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 
     A no-op outside `jax.set_mesh` (unsharded runs trace exactly as before).
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    mesh = _current_mesh()
+    if mesh is None:
         return x
     spec, _ = spec_for(x.shape, axes, mesh, ACTIVATION_RULES)
     return jax.lax.with_sharding_constraint(x, spec)

@@ -94,9 +94,10 @@ def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, ca
             def write(buffer, new):
                 slots = buffer.shape[1:] if stacked_cache else buffer.shape
                 new = new.transpose(0, 2, 1, 3).reshape(*slots[:-2], t_len, slots[-1]).astype(buffer.dtype)
+                start = (*(0,) * (new.ndim - 2), cache_index, 0)
                 if stacked_cache:
-                    return jax.lax.dynamic_update_slice(buffer, new[None], (index, *(0,) * (new.ndim - 2), cache_index, 0))
-                return jax.lax.dynamic_update_slice(buffer, new, (*(0,) * (new.ndim - 2), cache_index, 0))
+                    return jax.lax.dynamic_update_slice(buffer, new[None], (index, *start))
+                return jax.lax.dynamic_update_slice(buffer, new, start)
 
             def read(buffer):  # -> [B, S, K, E], the layout attention() takes
                 heads = jax.lax.dynamic_index_in_dim(buffer, index, keepdims=False) if stacked_cache else buffer
