@@ -11,7 +11,7 @@ import torch
 import hf_factory
 import vlm_jax as vj
 from vlm_jax import generate as gen
-from vlm_jax.models import layers, llava, text_decoder
+from vlm_jax.models import llava, text_decoder
 
 
 def hf_generate(hf_model, batch, max_new_tokens, **kwargs) -> np.ndarray:
@@ -177,18 +177,6 @@ def test_one_compilation_per_length_bucket(hf_checkpoints):
     assert compiled._cache_size() == before
     gen.generate(model.params, model.config, batch, 8, prompt_bucket=1)  # another prompt width: one more program
     assert compiled._cache_size() == before + 1
-
-
-def test_single_token_output_projection_equals_the_einsum():
-    """merge_heads takes a flat [H*E, D] product for one token (decode steps); with LoRA and a
-    bias it equals the per-head einsum that longer inputs use."""
-    keys = jax.random.split(jax.random.key(0), 5)
-    params = {"kernel": jax.random.normal(keys[0], (4, 8, 16)), "bias": jax.random.normal(keys[1], (16,)),
-              "lora_a": jax.random.normal(keys[2], (4, 8, 3)), "lora_b": jax.random.normal(keys[3], (3, 16)),
-              "lora_scale": jnp.float32(0.5)}
-    x = jax.random.normal(keys[4], (2, 1, 4, 8))
-    np.testing.assert_allclose(np.asarray(layers.merge_heads(x, params)),
-                               np.asarray(layers._project(x, params, "he", "d")), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [1, 2])

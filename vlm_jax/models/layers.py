@@ -9,6 +9,7 @@ of the stack costs a weight copy per layer and step).
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -18,24 +19,28 @@ from vlm_jax.nn.activations import activation
 from vlm_jax.sharding import constrain
 
 
-def _lora(x: jax.Array, params: dict, in_spec: str, out_spec: str) -> jax.Array | None:
-    """The low-rank update (x A) B * scale of a LoRA-adapted projection, or None.
+def _project(x: jax.Array, params: dict, n_in: int) -> jax.Array:
+    """x [..., *in] @ kernel [*in, *out] (+ LoRA) (+ bias [*out]) -> [..., *out], where the
+    kernel's first n_in axes are the contracted ones.
 
-    A is [in..., r] and B [r, out...] (vlm_jax.train.lora adds them next to the kernel); the
-    frozen kernel gets no weight gradient, only A and B do.
+    Runs as one 2-D product [rows, In] x [In, Out]: contracted over several leading axes
+    ([B, T] for a weight gradient), XLA CPU copied both operands transposed before every weight
+    gradient; flat, the MLP's gradient at 2 x 601 tokens measured 150 -> 108 ms
+    (benchmarks/RESULTS.md).
+
+    LoRA: A [*in, r] and B [r, *out] (vlm_jax.train.lora adds them next to the kernel) add
+    (x A) B * scale; the frozen kernel gets no weight gradient, only A and B do.
     """
-    if "lora_a" not in params:
-        return None
-    a, b = params["lora_a"], params["lora_b"]
-    low = jnp.einsum(f"...{in_spec},{in_spec}r->...r", x, a.astype(x.dtype))
-    return jnp.einsum(f"...r,r{out_spec}->...{out_spec}", low, b.astype(x.dtype)) * params["lora_scale"].astype(x.dtype)
-
-
-def _project(x: jax.Array, params: dict, in_spec: str, out_spec: str) -> jax.Array:
-    y = jnp.einsum(f"...{in_spec},{in_spec}{out_spec}->...{out_spec}", x, params["kernel"])
-    low = _lora(x, params, in_spec, out_spec)
-    if low is not None:
-        y = y + low
+    kernel = params["kernel"]
+    in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
+    lead = x.shape[: x.ndim - n_in]
+    rows = x.reshape(-1, math.prod(in_shape))
+    y = rows @ kernel.reshape(rows.shape[1], -1)
+    if "lora_a" in params:
+        a = params["lora_a"].reshape(rows.shape[1], -1).astype(x.dtype)
+        b = params["lora_b"].reshape(a.shape[1], -1).astype(x.dtype)
+        y = y + (rows @ a) @ b * params["lora_scale"].astype(x.dtype)
+    y = y.reshape(*lead, *out_shape)
     if "bias" in params:
         y = y + params["bias"]
     return y
@@ -43,23 +48,17 @@ def _project(x: jax.Array, params: dict, in_spec: str, out_spec: str) -> jax.Arr
 
 def linear(x: jax.Array, params: dict) -> jax.Array:
     """x [..., In] @ kernel [In, Out] (+ LoRA) (+ bias [Out])."""
-    return _project(x, params, "i", "o")
+    return _project(x, params, 1)
 
 
 def project_heads(x: jax.Array, params: dict) -> jax.Array:
     """x [B, T, D] -> [B, T, H, E] with kernel [D, H, E] (+ LoRA) (+ bias [H, E])."""
-    return _project(x, params, "d", "he")
+    return _project(x, params, 1)
 
 
 def merge_heads(x: jax.Array, params: dict) -> jax.Array:
     """x [B, T, H, E] -> [B, T, D] with kernel [H, E, D] (+ LoRA) (+ bias [D])."""
-    if x.shape[-3] == 1:
-        # A single token (a decode step) as one [H*E, D] product: contracted over (h, e), XLA CPU
-        # copied the kernel transposed in every step (decode step at batch 1: 17.2 -> 16.4 ms).
-        # Longer inputs keep the einsum, which measured ~3% faster on the full forward.
-        flat = {k: (v.reshape(-1, v.shape[-1]) if k in ("kernel", "lora_a") else v) for k, v in params.items()}
-        return _project(x.reshape(*x.shape[:-2], -1), flat, "i", "o")
-    return _project(x, params, "he", "d")
+    return _project(x, params, 2)
 
 
 def gated_mlp(x: jax.Array, params: dict, act: str) -> jax.Array:
