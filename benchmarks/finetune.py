@@ -6,10 +6,11 @@ Batch: 2 examples of ~600 tokens (1 image each) with a 6-token answer; loss on t
 tokens only. Two variants:
   full   every parameter trains (AdamW)
   lora   rank-8 LoRA on the text decoder's q_proj and v_proj (alpha 16); everything else frozen
-Both sides: no gradient checkpointing, float32. The first steps (compilation / warm-up) are
+Both sides float32; transformers without gradient checkpointing, vlm_jax with the policies in
+--remat (default: none, the same as transformers). The first steps (compilation / warm-up) are
 excluded; the losses of the first step are checked equal before timing.
 
-    python benchmarks/finetune.py [--steps 5] [--batch 2]
+    python benchmarks/finetune.py [--steps 5] [--batch 2] [--remat none dots full]
 """
 
 from __future__ import annotations
@@ -96,6 +97,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--remat", nargs="+", default=["none"], choices=("none", "dots", "full"),
+                        help="vlm_jax's rematerialisation policies to time (TrainConfig.remat); transformers "
+                             "runs without gradient checkpointing")
     parser.add_argument("--workdir", default="/tmp/vlm_jax_bench")
     args = parser.parse_args()
 
@@ -111,30 +115,35 @@ def main() -> None:
     tokens = int(data["attention_mask"].sum())
     print(f"machine: {machine()}; torch {torch.__version__} ({torch.get_num_threads()} threads)")
     print(f"batch: {args.batch} x {data['input_ids'].shape[1]} tokens ({tokens} real), answer {ANSWER} tokens")
-    rows = []
+    rows, temp_mib = [], {}
     for variant in ("full", "lora"):
         lora = LoraConfig(rank=8, alpha=16.0, targets=("q_proj", "v_proj"), towers=("text",)) if variant == "lora" else None
-        cfg = TrainConfig(model=folder, train_data=[{}], output_dir=os.path.join(args.workdir, "ft"), lora=lora,
-                          param_dtype="float32", learning_rate=1e-5, betas=(0.9, 0.95), batch_size=1,
-                          max_grad_norm=None, remat=False, progress=False)
-        trainer = Trainer(cfg, model=model)
-        state = trainer.initial_state()
         batch = {k: v[None] for k, v in data.items()}  # [accum=1, batch, ...]
+        steps = {}  # one compiled step per rematerialisation policy, each with its own state
+        for remat in args.remat:
+            cfg = TrainConfig(model=folder, train_data=[{}], output_dir=os.path.join(args.workdir, "ft"), lora=lora,
+                              param_dtype="float32", learning_rate=1e-5, betas=(0.9, 0.95), batch_size=1,
+                              max_grad_norm=None, remat=remat, progress=False)
+            trainer = Trainer(cfg, model=model)
+            holder = {"state": trainer.initial_state()}
 
-        def ours_step():
-            nonlocal state
-            state, metrics = trainer._step(state, trainer.frozen, batch)
-            return float(metrics["loss"])
+            def ours_step(trainer=trainer, holder=holder):
+                holder["state"], metrics = trainer._step(holder["state"], trainer.frozen, batch)
+                return float(metrics["loss"])
 
+            steps[remat] = ours_step
+            program = trainer._step.lower(holder["state"], trainer.frozen, batch).compile()
+            temp_mib[variant, remat] = program.memory_analysis().temp_size_in_bytes / 2**20
         hf = LlavaForConditionalGeneration.from_pretrained(folder, attn_implementation="sdpa")
         hf.train()
         params = lora_torch(hf) if variant == "lora" else list(hf.parameters())
-        theirs_step = torch_step_fn(hf, params, data)
-        first_ours, first_theirs = ours_step(), theirs_step()
-        assert abs(first_ours - first_theirs) <= 1e-3 * abs(first_theirs), (first_ours, first_theirs)
-        times = {"vlm_jax": [], "transformers": []}
+        steps["transformers"] = torch_step_fn(hf, params, data)
+        first = {name: fn() for name, fn in steps.items()}
+        for remat in args.remat:
+            assert abs(first[remat] - first["transformers"]) <= 1e-3 * abs(first["transformers"]), first
+        times = {name: [] for name in steps}
         for _ in range(args.steps):
-            for name, fn in (("vlm_jax", ours_step), ("transformers", theirs_step)):
+            for name, fn in steps.items():
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
@@ -142,18 +151,20 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in times.items()}
         b, t_len = data["input_ids"].shape
         flops = train_step_flops(model.config, b, t_len, b, ANSWER, lora=variant == "lora")
-        rows.append((variant, n_trainable, med["vlm_jax"], med["transformers"], flops))
+        for remat in args.remat:
+            rows.append((variant, remat, n_trainable, med[remat], med["transformers"], flops, temp_mib[variant, remat]))
         del hf
     peak = matmul_peak()
     print(f"best float32 matmul: {peak['best'] / 1e9:.0f} GFLOP/s (jax {peak['jax'] / 1e9:.0f}, "
           f"torch {peak.get('torch', 0) / 1e9:.0f}); floor = the step's least FLOPs at that rate")
-    print("\n| variant | trainable params | vlm_jax step (s) | vlm_jax tokens/s | transformers step (s) "
-          "| transformers tokens/s | ratio | floor (s) | vlm_jax / floor | transformers / floor |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for variant, n, ours, theirs, flops in rows:
+    print("\n| variant | remat | trainable params | vlm_jax step (s) | vlm_jax tokens/s | transformers step (s) "
+          "| transformers tokens/s | ratio | floor (s) | vlm_jax / floor | transformers / floor "
+          "| vlm_jax step's temporary memory (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for variant, remat, n, ours, theirs, flops, temp in rows:
         floor = flops / peak["best"]
-        print(f"| {variant} | {n / 1e6:.2f}M | {ours:.3f} | {tokens / ours:.0f} | {theirs:.3f} | {tokens / theirs:.0f} "
-              f"| {theirs / ours:.2f}x | {floor:.3f} | {ours / floor:.2f} | {theirs / floor:.2f} |")
+        print(f"| {variant} | {remat} | {n / 1e6:.2f}M | {ours:.3f} | {tokens / ours:.0f} | {theirs:.3f} "
+              f"| {tokens / theirs:.0f} | {theirs / ours:.2f}x | {floor:.3f} | {ours / floor:.2f} | {theirs / floor:.2f} | {temp:.0f} |")
 
 
 if __name__ == "__main__":

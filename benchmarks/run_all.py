@@ -37,7 +37,7 @@ FULL = [
     ("interp", ["--batches", "1", "4", "--repeats", "5"]),
     ("interp_tools", ["--batches", "1", "--repeats", "3"]),
     ("generation", ["--batches", "1", "4", "--new-tokens", "32", "128", "--repeats", "3"]),
-    ("finetune", ["--steps", "5"]),
+    ("finetune", ["--steps", "5", "--remat", "none", "dots", "full"]),
     ("probes", ["--repeats", "3"]),
     ("loading", ["--repeats", "3"]),
     ("gpu", ["--repeats", "5"]),

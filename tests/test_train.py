@@ -253,3 +253,31 @@ def test_bf16_parameters_with_float32_optimizer_state(random_llava, tmp_path):
     assert all(str(v.dtype) == "float32" for v in trainer.state["trainable"].values())  # master copy
     assert all(str(x.dtype) == "float32" for x in jax.tree.leaves(trainer.state["opt_state"]) if x.ndim > 0)
     assert all(str(v.dtype) == "bfloat16" for v in trainer.frozen.values())
+
+
+def test_remat_policies_keep_the_gradients_and_trade_memory(model, random_llava, tmp_path):
+    """Every rematerialisation policy gives the gradients of none (the training loss on a real
+    batch); the compiled gradient's temporary memory falls from 'none' to 'dots' to 'full'. A
+    name that is no policy fails when the Trainer is built, naming the choices."""
+    from vlm_jax.train import trainer as trainer_module
+
+    trainer = Trainer(config(random_llava, tmp_path), model=model)
+    micro = {k: v[0] for k, v in trainer.batch(0).items()}
+    trainable = trainer.initial_state()["trainable"]
+
+    def grad_fn(remat):
+        def loss(trainable):
+            return trainer_module._loss_sum(trainable, trainer.frozen, micro, config=model.config, dtype=trainer.dtype,
+                                            remat=remat, fused=False)[0]
+        return jax.jit(jax.grad(loss))
+
+    grads = {remat: grad_fn(remat)(trainable) for remat in ("none", "dots", "full")}
+    for remat in ("dots", "full"):
+        for path, (a, b) in zip(P.flatten(grads[remat]), zip(jax.tree.leaves(grads[remat]), jax.tree.leaves(grads["none"]))):
+            a, b = np.asarray(a), np.asarray(b)  # recomputation reorders float32 sums: 1e-5 of the leaf's scale
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max() + 1e-9, err_msg=f"{remat} {path}")
+    temp = {remat: grad_fn(remat).lower(trainable).compile().memory_analysis().temp_size_in_bytes
+            for remat in ("none", "dots", "full")}
+    assert temp["none"] > temp["dots"] > temp["full"], temp
+    with pytest.raises(vj.SettingError, match=r"remat='dot'.*'full', 'dots'"):
+        Trainer(config(random_llava, tmp_path, remat="dot"), model=model)

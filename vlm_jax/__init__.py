@@ -12,6 +12,7 @@ from vlm_jax.errors import (
     CorruptCheckpointError,
     InputError,
     OutputExistsError,
+    SettingError,
     UnsupportedArchitectureError,
     VlmJaxError,
     WeightsMismatchError,
@@ -24,7 +25,7 @@ from vlm_jax.models.llava import Output, abstract_params, forward, init_params, 
 
 __all__ = [
     "Batch", "CheckpointMismatchError", "Edits", "logit_lens", "stack_edits", "CorruptCheckpointError", "ImageTokenMap", "InputError", "LlavaConfig",
-    "Model", "Output", "OutputExistsError", "Processor", "TextConfig", "UnsupportedArchitectureError",
+    "Model", "Output", "OutputExistsError", "Processor", "SettingError", "TextConfig", "UnsupportedArchitectureError",
     "VisionConfig", "VlmJaxError", "WeightsMismatchError", "abstract_params", "forward", "from_hf_config",
     "image_token_map", "init_params", "load", "logical_axes", "param_specs", "preset", "to_hf_config",
 ]

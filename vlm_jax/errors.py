@@ -20,6 +20,10 @@ class UnsupportedArchitectureError(VlmJaxError, ValueError):
     """The checkpoint's config names an architecture vlm_jax does not implement."""
 
 
+class SettingError(VlmJaxError, ValueError):
+    """A setting names an option vlm_jax does not have (e.g. a rematerialisation policy)."""
+
+
 class WeightsMismatchError(VlmJaxError, ValueError):
     """The tensors in a checkpoint do not match what the config says the model has.
 

@@ -15,6 +15,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from vlm_jax.errors import SettingError
 from vlm_jax.nn.activations import activation
 from vlm_jax.sharding import constrain
 
@@ -83,18 +84,17 @@ def scan_layers(
     stacked_params: dict,
     per_layer: dict | None = None,
     n_layers: int | None = None,
-    remat: bool = False,
+    remat: bool | str = False,
 ):
     """Applies `layer_fn(params_i, h, per_layer_i, i) -> (h, report)` for i < n_layers; h is the
     scan carry (an array, or a pytree such as (hidden states, key/value cache)).
 
     stacked_params and per_layer have a leading layer axis; only the first `n_layers`
     entries are used (a vision tower stops at the feature layer). Returns the final h and
-    the reports stacked over layers. remat recomputes each layer's activations in the
-    backward pass instead of storing them (training memory ~ one layer).
+    the reports stacked over layers. remat: what each layer keeps for the backward pass
+    (remat_policy).
     """
-    if remat:
-        layer_fn = _rematerialised(layer_fn)
+    layer_fn = _rematerialised(layer_fn, remat)
     total = jax.tree.leaves(stacked_params)[0].shape[0]
     n_layers = total if n_layers is None else n_layers
     if n_layers == 0:
@@ -117,7 +117,7 @@ def unrolled_layers(
     layers: tuple,
     per_layer: dict,
     states: tuple | None = None,
-    remat: bool = False,
+    remat: bool | str = False,
 ):
     """Applies `layer_fn(params_i, carry, per_layer_i, i) -> (carry, report)` in a Python loop
     over `layers`, a tuple of per-layer parameter trees (nothing is sliced out of a stack: on
@@ -127,8 +127,7 @@ def unrolled_layers(
 
     Returns (h, the reports stacked over layers, the new states as a tuple or None).
     """
-    if remat:
-        layer_fn = _rematerialised(layer_fn, static_index=True)
+    layer_fn = _rematerialised(layer_fn, remat, static_index=True)
     new_states, reports = [], []
     for i, params_i in enumerate(layers):
         extra = jax.tree.map(lambda a, i=i: a[i], per_layer)
@@ -142,8 +141,34 @@ def unrolled_layers(
     return h, report, (None if states is None else tuple(new_states))
 
 
-def _rematerialised(layer_fn: Callable, static_index: bool = False) -> Callable:
-    """layer_fn recomputing its activations in the backward pass (training memory ~ one layer);
-    static_index when the layer index is a Python int (unrolled layers)."""
-    return jax.checkpoint(layer_fn, policy=jax.checkpoint_policies.nothing_saveable,
-                          static_argnums=(3,) if static_index else ())
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def remat_policy(remat: bool | str | None):
+    """The jax.checkpoint policy a `remat` setting names, or None (no rematerialisation).
+
+    False / None / "none": every layer keeps all its activations for the backward pass (the
+      fastest step, the most memory).
+    True / "full": each layer keeps only its input and runs again in the backward pass
+      (activation memory ~ one layer; about one more forward pass of work).
+    "dots": each layer keeps the outputs of its weight products (q/k/v/o projections, MLP,
+      LoRA) and recomputes the norms, activations and the attention from them. The attention's
+      own products (with batch axes) are not kept, so its score matrices never are.
+    """
+    if remat is None or remat is False or remat == "none":
+        return None
+    if remat is True or remat == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    if remat == "dots":
+        # the weight products are flat 2-D products (_project), so "no batch dims" picks them out
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    raise SettingError(f"remat={remat!r} is not a rematerialisation policy: use True/'full', 'dots', or False/'none'")
+
+
+def _rematerialised(layer_fn: Callable, remat: bool | str | None, static_index: bool = False) -> Callable:
+    """layer_fn under remat_policy(remat) (itself when that is None); static_index when the layer
+    index is a Python int (unrolled layers)."""
+    policy = remat_policy(remat)
+    if policy is None:
+        return layer_fn
+    return jax.checkpoint(layer_fn, policy=policy, static_argnums=(3,) if static_index else ())

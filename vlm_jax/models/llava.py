@@ -114,7 +114,7 @@ def insert_prefix(embeds: jax.Array, attention_mask: jax.Array, prefix: jax.Arra
 
 
 def image_features(params: dict, cfg: LlavaConfig, pixel_values: jax.Array, *, capture=(), fused=False,
-                   edits: Edits | None = None, remat: bool = False):
+                   edits: Edits | None = None, remat: bool | str = False):
     """Vision tower + feature selection + projector: [N, C, H, W] -> ([N, P', D], acts)."""
     capture = tuple(capture)
     wanted = layer_sites(capture, "vision")
@@ -140,7 +140,7 @@ def image_features(params: dict, cfg: LlavaConfig, pixel_values: jax.Array, *, c
 
 
 def embed_inputs(params: dict, config: LlavaConfig, inputs: Mapping[str, Any], *, capture=(), edits=None,
-                 fused_attention: bool = False, remat: bool = False):
+                 fused_attention: bool = False, remat: bool | str = False):
     """Token embeddings with the image features merged in (the text decoder's input).
 
     Returns (embeds [B, T, D], position_ids [B, T], attention_mask [B, T], acts).
@@ -181,7 +181,7 @@ def forward(
     cache_index: jax.Array | int = 0,
     key_valid: jax.Array | None = None,
     prefix: jax.Array | None = None,
-    remat: bool = False,
+    remat: bool | str = False,
 ) -> Output:
     """The whole model. Pure and jit-able (config and capture are static).
 
@@ -200,7 +200,8 @@ def forward(
         key_valid [B, S] marks the valid cache slots including the new tokens.
       prefix: soft-prompt embeddings [n, D] inserted before each row's first real token
         (positions are recounted; Output.token_index maps input tokens to output positions).
-      remat: recompute each layer's activations in the backward pass (training).
+      remat: what each layer keeps for the backward pass (training): False/'none' everything,
+        True/'full' only its input, 'dots' its weight products' outputs (layers.remat_policy).
     """
     capture = validate_capture(capture)
     if edits is not None and not edits.ops:

@@ -137,7 +137,7 @@ def forward(
     site_ops=(),
     attention_ops=(),
     layer_range: tuple[int, int] | None = None,
-    remat: bool = False,
+    remat: bool | str = False,
 ):
     """Runs every decoder layer (or the layers in `layer_range` = (start, end)).
 

@@ -172,7 +172,7 @@ def forward(
     fused: bool = False,
     site_ops=(),
     attention_ops=(),
-    remat: bool = False,
+    remat: bool | str = False,
 ):
     """Runs the tower far enough to produce the requested hidden states.
 

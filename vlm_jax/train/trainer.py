@@ -8,7 +8,8 @@
   compute dtype for each forward pass. Frozen parameters carry no optimizer state.
 * Step: loss on the answer tokens only (data.Collator), gradient accumulation over
   `grad_accum` micro-batches inside the compiled step, global-norm clipping, AdamW with linear
-  warmup and cosine decay, rematerialised layers (remat=True), donated state buffers.
+  warmup and cosine decay, rematerialised layers (remat: 'full' by default, 'dots' or none),
+  donated state buffers.
 * Checkpoints: orbax, every `checkpoint_every` steps and at the end, keeping the last
   `keep_checkpoints`; written atomically (a kill mid-write leaves the previous one usable).
   `resume=True` continues from the latest: data order and losses are those of an
@@ -37,6 +38,7 @@ import optax
 
 from vlm_jax.errors import CheckpointMismatchError, VlmJaxError
 from vlm_jax.models import llava
+from vlm_jax.models.layers import remat_policy
 from vlm_jax.multihost import is_writer, to_host
 from vlm_jax.nn.attention import resolve_fused
 from vlm_jax.train import subsets
@@ -76,7 +78,9 @@ class TrainConfig:
     eval_batch_size: int = 16
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
-    remat: bool = True
+    # what each layer keeps for the backward pass: True/'full' (its input only; least memory),
+    # 'dots' (its weight products' outputs), False/'none' (everything; fastest) - layers.remat_policy
+    remat: bool | str = True
     # None: the fused attention kernel (jax.nn.dot_product_attention; on GPU its forward is cuDNN's
     # and its gradient XLA's, see nn.attention.fused_forward_kernel) on accelerators, the explicit
     # path on CPU; True/False to choose
@@ -161,6 +165,7 @@ class Trainer:
         self.config = config
         if config.batch_size % config.grad_accum:
             raise DataError(f"batch_size {config.batch_size} is not a multiple of grad_accum {config.grad_accum}")
+        remat_policy(config.remat)  # an unknown policy fails here, before any loading or compiling
         if model is None:
             from vlm_jax.sharding import parse_mesh
 
