@@ -141,7 +141,7 @@ def unrolled_layers(
     return h, report, (None if states is None else tuple(new_states))
 
 
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots")  # with True = "full" and False / None = "none"
 
 
 def remat_policy(remat: bool | str | None):
@@ -162,7 +162,8 @@ def remat_policy(remat: bool | str | None):
     if remat == "dots":
         # the weight products are flat 2-D products (_project), so "no batch dims" picks them out
         return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    raise SettingError(f"remat={remat!r} is not a rematerialisation policy: use True/'full', 'dots', or False/'none'")
+    raise SettingError(f"remat={remat!r} is not a rematerialisation policy: use one of {', '.join(map(repr, REMAT_POLICIES))}, "
+                       "or True ('full') / False ('none')")
 
 
 def _rematerialised(layer_fn: Callable, remat: bool | str | None, static_index: bool = False) -> Callable:
