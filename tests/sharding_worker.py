@@ -143,11 +143,10 @@ def tensor_parallel_report(folder, base) -> dict:
         forward = jax.jit(lambda p, a: llava.forward(p, model.config, a).logits).lower(model.params, arrays)
         forward_gathers = attention_gathers(forward.compile().as_text())
         ids, mask = gen.left_align(np.asarray(batch.input_ids), np.asarray(batch.attention_mask), 0)
-        decode = gen.compiled_generate(model.params).lower(
-            model.params, model.config, *model.place({"input_ids": ids, "attention_mask": mask}).values(),
-            arrays["pixel_values"], jax.random.key(0), jnp.int32(4), new_slots=8, sampling=gen.Sampling(), eos_ids=(),
-            pad_id=0, fused=False)
-        decode_gathers = attention_gathers(decode.compile().as_text())
+        decode = gen.decode_program_text(model.params, model.config,
+                                         *model.place({"input_ids": ids, "attention_mask": mask}).values(),
+                                         arrays["pixel_values"], new_slots=8)
+        decode_gathers = attention_gathers(decode)
     return {"forward_attention_gathers": forward_gathers, "decode_attention_gathers": decode_gathers,
             "logits_diff": max_diff(base.run(batch).logits, model.run(batch).logits),
             "generate_equal": bool(np.array_equal(base.generate(batch, 5).tokens, model.generate(batch, 5).tokens))}

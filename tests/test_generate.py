@@ -194,10 +194,7 @@ def test_decode_loop_never_copies_the_cache(hf_checkpoints, rows):
     pixels = batch["pixel_values"][:rows]  # one image per row in this case
     text = model.config.text
     slots = ids.shape[1] + 16
-    hlo = gen.compiled_generate(model.params).lower(
-        model.params, model.config, ids, mask, pixels, jax.random.key(0), jnp.int32(4), new_slots=16,
-        sampling=gen.Sampling(), eos_ids=(), pad_id=0, fused=False,
-    ).compile().as_text()
+    hlo = gen.decode_program_text(model.params, model.config, ids, mask, pixels, new_slots=16)
     cache_size = rows * text.num_kv_heads * slots * text.head_dim
 
     def is_cache_buffer(shape: str) -> bool:  # e.g. f32[2,4,40,16]{3,2,1,0}: any layout of one layer's cache

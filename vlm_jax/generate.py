@@ -122,6 +122,18 @@ def compiled_generate(params: dict):
     return _generate_jit_cpu if on_cpu else _generate_jit
 
 
+def decode_program_text(params: dict, config: LlavaConfig, input_ids, attention_mask, pixel_values,
+                        new_slots: int, fused: bool = False) -> str:
+    """XLA's compiled program (HLO text) of greedy decoding for these shapes: the program
+    `generate` runs for left-aligned input_ids / attention_mask [B, T] and pixel_values, with
+    `new_slots` cache slots after the prompt. For inspecting what the compiler made of the decode
+    loop (copies of the cache, collectives under a mesh); nothing is run."""
+    lowered = compiled_generate(params).lower(
+        params, config, input_ids, attention_mask, pixel_values, jax.random.key(0), jnp.int32(new_slots),
+        new_slots=new_slots, sampling=Sampling(), eos_ids=(), pad_id=0, fused=fused)
+    return lowered.compile().as_text()
+
+
 def left_align(input_ids: np.ndarray, attention_mask: np.ndarray, pad_id: int):
     """Moves every row's real tokens to the right end (right padding becomes left padding)."""
     ids = np.full_like(input_ids, pad_id)
