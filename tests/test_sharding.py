@@ -64,6 +64,7 @@ def test_sharded_feature_extraction_equals_unsharded(report):
 
 @pytest.mark.parametrize("kind", ["train_full", "train_lora"])
 def test_sharded_training_step_equals_unsharded(report, kind):
+    """Full finetuning (remat "full") and LoRA (remat "dots") on data=2 x fsdp=2 x tensor=2."""
     r = report[kind]
     for a, b in zip(r["loss_single"], r["loss_sharded"]):
         assert abs(a - b) <= TOL * max(1.0, abs(a))
