@@ -265,19 +265,19 @@ def test_remat_policies_keep_the_gradients_and_trade_memory(model, random_llava,
     micro = {k: v[0] for k, v in trainer.batch(0).items()}
     trainable = trainer.initial_state()["trainable"]
 
-    def grad_fn(remat):
+    def compiled_grad(remat):
         def loss(trainable):
             return trainer_module._loss_sum(trainable, trainer.frozen, micro, config=model.config, dtype=trainer.dtype,
                                             remat=remat, fused=False)[0]
-        return jax.jit(jax.grad(loss))
+        return jax.jit(jax.grad(loss)).lower(trainable).compile()
 
-    grads = {remat: grad_fn(remat)(trainable) for remat in ("none", "dots", "full")}
+    programs = {remat: compiled_grad(remat) for remat in ("none", "dots", "full")}
+    grads = {remat: program(trainable) for remat, program in programs.items()}
     for remat in ("dots", "full"):
         for path, (a, b) in zip(P.flatten(grads[remat]), zip(jax.tree.leaves(grads[remat]), jax.tree.leaves(grads["none"]))):
             a, b = np.asarray(a), np.asarray(b)  # recomputation reorders float32 sums: 1e-5 of the leaf's scale
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max() + 1e-9, err_msg=f"{remat} {path}")
-    temp = {remat: grad_fn(remat).lower(trainable).compile().memory_analysis().temp_size_in_bytes
-            for remat in ("none", "dots", "full")}
+    temp = {remat: program.memory_analysis().temp_size_in_bytes for remat, program in programs.items()}
     assert temp["none"] > temp["dots"] > temp["full"], temp
     with pytest.raises(vj.SettingError, match=r"remat='dot' is not a rematerialisation policy: use one of 'none', 'full', 'dots'"):
         Trainer(config(random_llava, tmp_path, remat="dot"), model=model)

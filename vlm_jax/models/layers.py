@@ -141,7 +141,13 @@ def unrolled_layers(
     return h, report, (None if states is None else tuple(new_states))
 
 
-REMAT_POLICIES = ("none", "full", "dots")  # with True = "full" and False / None = "none"
+# rematerialisation policies by name (remat_policy); True means "full", False / None "none"
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # the weight products are flat 2-D products (_project), so "no batch dims" picks them out
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def remat_policy(remat: bool | str | None):
@@ -155,15 +161,11 @@ def remat_policy(remat: bool | str | None):
       LoRA) and recomputes the norms, activations and the attention from them. The attention's
       own products (with batch axes) are not kept, so its score matrices never are.
     """
-    if remat is None or remat is False or remat == "none":
-        return None
-    if remat is True or remat == "full":
-        return jax.checkpoint_policies.nothing_saveable
-    if remat == "dots":
-        # the weight products are flat 2-D products (_project), so "no batch dims" picks them out
-        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    raise SettingError(f"remat={remat!r} is not a rematerialisation policy: use one of {', '.join(map(repr, REMAT_POLICIES))}, "
-                       "or True ('full') / False ('none')")
+    name = "full" if remat is True else "none" if remat is None or remat is False else remat
+    if not isinstance(name, str) or name not in REMAT_POLICIES:
+        raise SettingError(f"remat={remat!r} is not a rematerialisation policy: use one of "
+                           f"{', '.join(map(repr, REMAT_POLICIES))}, or True ('full') / False ('none')")
+    return REMAT_POLICIES[name]
 
 
 def _rematerialised(layer_fn: Callable, remat: bool | str | None, static_index: bool = False) -> Callable:
