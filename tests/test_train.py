@@ -255,6 +255,27 @@ def test_bf16_parameters_with_float32_optimizer_state(random_llava, tmp_path):
     assert all(str(v.dtype) == "bfloat16" for v in trainer.frozen.values())
 
 
+def test_dots_policy_keeps_what_the_attention_backward_needs(model, capsys):
+    """Under 'dots' every decoder layer keeps its attention's output and log-sum-exp, so the
+    backward pass never runs the attention forward again; 'full' keeps neither. Read from JAX's
+    own list of saved residuals, on unrolled layers (a scan's residuals lose their names)."""
+    from vlm_jax.models import llava, text_decoder
+    from vlm_jax.nn.attention import ATTENTION_RESIDUALS
+
+    params = {**model.params, "language_model": text_decoder.unstack_layers(model.params["language_model"])}
+    inputs = {"input_ids": np.full((1, 6), 3, np.int32), "attention_mask": np.ones((1, 6), np.int32)}
+    saved = {}
+    for remat in ("dots", "full"):
+        def loss(params):
+            return llava.forward(params, model.config, inputs, remat=remat).logits.sum()
+
+        jax.ad_checkpoint.print_saved_residuals(loss, params)
+        saved[remat] = capsys.readouterr().out
+    for name in ATTENTION_RESIDUALS:
+        assert saved["dots"].count(f"named '{name}'") == model.config.text.num_layers, saved["dots"]
+        assert f"named '{name}'" not in saved["full"], saved["full"]
+
+
 def test_remat_policies_keep_the_gradients_and_trade_memory(model, random_llava, tmp_path):
     """Every rematerialisation policy gives the gradients of none (the training loss on a real
     batch); the compiled gradient's temporary memory falls from 'none' to 'dots' to 'full'. A

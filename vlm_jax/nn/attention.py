@@ -22,6 +22,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from vlm_jax.sharding import splits
 
@@ -210,8 +211,15 @@ def _blocked_attention(qg, kt, vt, bias, scale: float, block: int):
     return _blocked_attention_forward(qg, kt, vt, bias, scale, block)[0]
 
 
+# The names of the blocked attention's outputs that its backward needs besides q, k and v:
+# a rematerialisation policy that keeps them (layers.REMAT_POLICIES["dots"]) spares the
+# backward pass a second attention forward.
+ATTENTION_RESIDUALS = ("attention_output", "attention_log_sum_exp")
+
+
 def _blocked_attention_fwd(qg, kt, vt, bias, scale, block):
     out, lse = _blocked_attention_forward(qg, kt, vt, bias, scale, block)
+    out, lse = (checkpoint_name(x, name) for x, name in zip((out, lse), ATTENTION_RESIDUALS))
     return out, (qg, kt, vt, bias, out, lse)
 
 
