@@ -63,12 +63,14 @@ def merge_heads(x: jax.Array, params: dict) -> jax.Array:
     return _project(x, params, 2)
 
 
+@jax.named_scope("mlp")
 def gated_mlp(x: jax.Array, params: dict, act: str) -> jax.Array:
     """down(act(gate(x)) * up(x)): Llama's SwiGLU MLP (and DINOv2-giant's)."""
     hidden = activation(act)(linear(x, params["gate_proj"])) * linear(x, params["up_proj"])
     return linear(_constrain_width(hidden), params["down_proj"])
 
 
+@jax.named_scope("mlp")
 def plain_mlp(x: jax.Array, params: dict, act: str) -> jax.Array:
     """fc2(act(fc1(x))): the ViT MLP."""
     return linear(_constrain_width(activation(act)(linear(x, params["fc1"]))), params["fc2"])

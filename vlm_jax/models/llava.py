@@ -153,7 +153,8 @@ def embed_inputs(params: dict, config: LlavaConfig, inputs: Mapping[str, Any], *
     # Under a mesh the table's width is gathered first (its rows stay split on tensor), so the
     # lookup lands batch-split instead of forcing a full rematerialisation.
     table = constrain(params["language_model"]["embed_tokens"]["embedding"], ("act_vocab", None))
-    embeds = jnp.take(table, input_ids, axis=0)
+    with jax.named_scope("embed"):
+        embeds = jnp.take(table, input_ids, axis=0)
     acts: dict = {}
     pixel_values = inputs.get("pixel_values")
     if pixel_values is not None:

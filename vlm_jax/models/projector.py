@@ -19,6 +19,7 @@ def param_specs(cfg: LlavaConfig) -> dict:
     }
 
 
+@jax.named_scope("projector")
 def forward(params: dict, cfg: LlavaConfig, features: jax.Array) -> jax.Array:
     """features [N, P, Dv * n_feature_layers] -> image embeddings [N, P, D]."""
     h = linear(features, params["linear_1"])

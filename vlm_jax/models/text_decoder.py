@@ -82,9 +82,10 @@ def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, ca
         h = sites("resid_pre", constrain(h, ("batch", "length", "act_embed")))
         x = rms_norm(h, p["input_layernorm"], cfg.rms_norm_eps)
         attn_p = p["self_attn"]
-        q = sites("q", apply_rope(_heads(project_heads(x, attn_p["q_proj"]), "act_heads"), cos, sin))
-        k = sites("k", apply_rope(_heads(project_heads(x, attn_p["k_proj"]), "act_kv_heads"), cos, sin))
-        v = sites("v", _heads(project_heads(x, attn_p["v_proj"]), "act_kv_heads"))
+        with jax.named_scope("qkv_proj"):
+            q = sites("q", apply_rope(_heads(project_heads(x, attn_p["q_proj"]), "act_heads"), cos, sin))
+            k = sites("k", apply_rope(_heads(project_heads(x, attn_p["k_proj"]), "act_kv_heads"), cos, sin))
+            v = sites("v", _heads(project_heads(x, attn_p["v_proj"]), "act_kv_heads"))
         report = sites.report
         blocked = cache is None or prefill
         if cache is not None:  # write the new keys/values into this layer's slots of the cache
@@ -114,7 +115,8 @@ def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, ca
             causal_block=CAUSAL_BLOCK if blocked else None,
         )
         sites.record("attn_pattern", pattern)
-        attn_out = sites("attn_out", merge_heads(sites("z", out), attn_p["o_proj"]))
+        with jax.named_scope("out_proj"):
+            attn_out = sites("attn_out", merge_heads(sites("z", out), attn_p["o_proj"]))
         h = sites("resid_mid", h + attn_out)
         x = rms_norm(h, p["post_attention_layernorm"], cfg.rms_norm_eps)
         h = sites("resid_post", h + sites("mlp_out", gated_mlp(x, p["mlp"], cfg.hidden_act)))
@@ -123,6 +125,7 @@ def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, ca
     return layer
 
 
+@jax.named_scope("text_decoder")
 def forward(
     params: dict,
     cfg: TextConfig,
@@ -218,10 +221,12 @@ def unstack_layers(params: dict) -> dict:
     return {**params, "layers": tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))}
 
 
+@jax.named_scope("unembed")
 def final_norm(params: dict, cfg: TextConfig, h: jax.Array) -> jax.Array:
     return rms_norm(h, params["norm"], cfg.rms_norm_eps)
 
 
+@jax.named_scope("unembed")
 def unembed(params: dict, lm_head: dict | None, h: jax.Array) -> jax.Array:
     """Logits [..., V] from final-normed states [..., D] (tied embeddings when lm_head is None)."""
     if lm_head is None:

@@ -141,14 +141,16 @@ def _layer(cfg: VisionConfig, wanted: frozenset, fused: bool, rebuild_edits, att
         h = sites("resid_pre", constrain(h, ("batch", "length", "act_embed")))
         x = layer_norm(h, p["layer_norm1"], cfg.layer_norm_eps)
         attn_p = p["self_attn"]
-        q, k, v = (sites(name, project_heads(x, attn_p[f"{name}_proj"])) for name in ("q", "k", "v"))
+        with jax.named_scope("qkv_proj"):
+            q, k, v = (sites(name, project_heads(x, attn_p[f"{name}_proj"])) for name in ("q", "k", "v"))
         want_pattern = "attn_pattern" in wanted
         out, pattern = attention(
             q, k, v, scale=cfg.head_dim**-0.5, return_pattern=want_pattern,
             fused=fused and not want_pattern and attn_edit_free, score_edit=score_editor(attn_ops, 1),
         )
         sites.record("attn_pattern", pattern)
-        attn_out = merge_heads(sites("z", out), attn_p["out_proj"])
+        with jax.named_scope("out_proj"):
+            attn_out = merge_heads(sites("z", out), attn_p["out_proj"])
         if cfg.layer_scale:
             attn_out = attn_out * p["layer_scale1"]["lambda1"]
         h = sites("resid_mid", h + sites("attn_out", attn_out))
@@ -162,6 +164,7 @@ def _layer(cfg: VisionConfig, wanted: frozenset, fused: bool, rebuild_edits, att
     return layer
 
 
+@jax.named_scope("vision_tower")
 def forward(
     params: dict,
     cfg: VisionConfig,

@@ -253,6 +253,7 @@ def _blocked_attention_bwd(scale, block, residuals, d_out):
 _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 
 
+@jax.named_scope("attention")  # names its ops in profiles (benchmarks/profile_step.py)
 def attention(
     q: jax.Array,
     k: jax.Array,

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 
+@jax.named_scope("norm")
 def layer_norm(x: jax.Array, params: dict, eps: float) -> jax.Array:
     """LayerNorm over the last axis. x [..., D]; params {'scale' [D], 'bias' [D]}.
 
@@ -21,6 +22,7 @@ def layer_norm(x: jax.Array, params: dict, eps: float) -> jax.Array:
     return y.astype(x.dtype)
 
 
+@jax.named_scope("norm")
 def rms_norm(x: jax.Array, params: dict, eps: float) -> jax.Array:
     """Llama RMSNorm. x [..., D]; params {'scale' [D]}.
 

@@ -124,6 +124,7 @@ def _rotate_half(x):
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
+@jax.named_scope("rope")
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotates x [B, T, H, E] by cos/sin [B, T, E] (transformers' rotate_half convention)."""
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]

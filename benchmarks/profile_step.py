@@ -1,0 +1,230 @@
+"""Where a compiled step's time goes, by model component and phase, from a JAX profiler trace.
+
+Runs one workload on the LLaVA-shaped CPU preset (the model of finetune.py and interp.py), traces
+--steps executions of its compiled program with jax.profiler, and charges every op's time to the
+named scope its HLO metadata carries (the model code names them: vision_tower, projector, embed,
+text_decoder, unembed, loss, optimizer; within layers attention, qkv_proj, out_proj, mlp, norm,
+rope) and to its phase: forward, backward (autodiff's transpose) or recompute
+(rematerialisation). Workloads:
+  full     one AdamW step of every parameter (finetune.py's, with --remat)
+  lora     one step of rank-8 LoRA on the text decoder's q_proj / v_proj
+  forward  a forward pass of --batch examples (interp.py's)
+
+How time is counted. Ops that run at the same time (XLA CPU runs independent ops on its threads
+side by side) share the time they overlap. On CPU some products (XLA's Eigen dots) run
+asynchronously: their trace event covers only their launch, and the time until the next op
+starts shows as a span where no op runs. Such a span is shared by the asynchronous products
+launched since the previous one (marked "async" in the top ops; "(runtime)" when none was). On an
+accelerator only the device's events are read (the host's launches would count twice); that path
+is untested so far (no accelerator was lent since this script was written).
+
+    python benchmarks/profile_step.py [--workload full] [--remat dots] [--batch 2] [--steps 2] [--top 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import machine  # noqa: E402
+from finetune import batch_arrays  # noqa: E402
+from interp import build_model, make_inputs  # noqa: E402
+
+COMPONENTS = ("vision_tower", "projector", "embed", "text_decoder", "unembed", "loss", "optimizer")
+PARTS = ("attention", "qkv_proj", "out_proj", "mlp", "norm", "rope")
+# an HLO instruction: name, result shape, opcode, and its op_name metadata when it has one
+INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([\w\-]+)\((.*)$", re.M)
+# ops whose trace events span other ops' events (their bodies), so they are not charged themselves
+CONTAINERS = ("while", "conditional", "call")
+OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def hlo_instructions(hlo_text: str) -> dict:
+    """{instruction name: (shape, opcode, op_name)} of an optimised HLO module's text."""
+    table = {}
+    for name, shape, opcode, rest in INSTRUCTION.findall(hlo_text):
+        found = OP_NAME.search(rest)
+        table[name] = (re.sub(r"\{[^}]*\}", "", shape), opcode, found.group(1) if found else "")
+    return table
+
+
+def scope_of(op_name: str) -> tuple[str, str, str]:
+    """(component, part, phase) of an op from its op_name metadata, e.g.
+    'jit(_train_step)/.../transpose(jvp(text_decoder))/while/body/.../attention/dot_general'
+    -> ('text_decoder', 'attention', 'backward')."""
+    words = re.split(r"[/()]", op_name)
+    component = next((w for w in words if w in COMPONENTS), "other")
+    part = next((w for w in reversed(words) if w in PARTS), "rest")
+    if component == "optimizer":
+        phase = "update"
+    elif "rematted_computation" in words:
+        phase = "recompute"
+    elif "transpose(jvp" in op_name:  # autodiff's transposition (a plain transpose op is "/transpose")
+        phase = "backward"
+    else:
+        phase = "forward"
+    return component, part, phase
+
+
+def read_trace(trace_dir: str) -> list[dict]:
+    """The complete ('X') events of the trace jax.profiler wrote under trace_dir that name an HLO
+    op, from the device's processes when there is a device besides the host."""
+    files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+    if not files:
+        raise RuntimeError(f"jax.profiler wrote no trace under {trace_dir}")
+    events = json.load(gzip.open(max(files, key=os.path.getmtime)))["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    devices = {pid for pid, name in names.items() if name.startswith("/device:")}
+    return [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})
+            and (not devices or e["pid"] in devices)]
+
+
+def attribute(events: list[dict], instructions: dict, module: str) -> tuple[collections.Counter, int]:
+    """Microseconds charged to each op of `module` (shared where ops overlap; a span with no op
+    running goes to the asynchronous products launched before it, or to '(runtime)'), and the
+    number of executions traced."""
+    runs = collections.defaultdict(list)
+    for e in events:
+        opcode = instructions.get(e["args"]["hlo_op"], ("", "", ""))[1]
+        if e["args"].get("hlo_module") == module and opcode not in CONTAINERS:
+            runs[e["args"].get("run_id")].append(e)
+    charged = collections.Counter()
+    for run in runs.values():
+        points = sorted([(e["ts"], 1, i) for i, e in enumerate(run)] + [(e["ts"] + e["dur"], -1, i) for i, e in enumerate(run)])
+        # an idle span is split among the asynchronous products launched since the previous idle
+        # span, or charged like that span when none was (they are still running)
+        active, last_time, launched, waited_for = set(), None, [], ["(runtime)"]
+        for t, kind, i in points:
+            if last_time is not None and t > last_time:
+                if active:
+                    for j in active:
+                        charged[run[j]["args"]["hlo_op"]] += (t - last_time) / len(active)
+                else:
+                    waited_for, launched = (launched or waited_for), []
+                    for op in waited_for:
+                        charged[op] += (t - last_time) / len(waited_for)
+            last_time = t
+            if kind == 1:
+                active.add(i)
+                if instructions.get(run[i]["args"]["hlo_op"], ("", "", ""))[1] == "dot":
+                    launched.append(run[i]["args"]["hlo_op"])
+            else:
+                active.discard(i)
+    return charged, len(runs)
+
+
+def model_folder(workdir: str, tiny: bool) -> str:
+    """The CPU preset's folder (interp.py's), or with tiny=True a 2 + 2 layer model with the same
+    vocabulary and image token (make_inputs works unchanged): a smoke run of this script."""
+    if not tiny:
+        return build_model(workdir)
+    from vlm_jax.random_model import make_random_llava, tiny_hf_config
+
+    folder = os.path.join(workdir, "profile-tiny")
+    if not os.path.exists(folder):
+        make_random_llava(folder, tiny_hf_config(32064, 32000), with_processor=False)
+    return folder
+
+
+def build_workload(name: str, remat: str, batch: int, folder: str):
+    """(the compiled program, a function that runs it once and waits)."""
+    import jax
+
+    import vlm_jax as vj
+    from vlm_jax.models import llava
+
+    model = vj.load(folder, dtype="float32", progress=False)
+    if name == "forward":
+        inputs = {k: jax.numpy.asarray(v) for k, v in make_inputs(model.config, batch).items()}
+        program = llava.forward_jit.lower(model.params, model.config, inputs).compile()
+
+        def run_once():
+            jax.block_until_ready(program(model.params, inputs).logits)
+
+        return program, run_once
+    from vlm_jax.train import LoraConfig, TrainConfig, Trainer
+
+    lora = LoraConfig(rank=8, alpha=16.0, targets=("q_proj", "v_proj"), towers=("text",)) if name == "lora" else None
+    cfg = TrainConfig(model=folder, train_data=[{}], output_dir=os.path.join(os.path.dirname(folder), "profile-train"), lora=lora,
+                      param_dtype="float32", learning_rate=1e-5, betas=(0.9, 0.95), batch_size=1, max_grad_norm=None,
+                      remat=remat, progress=False)
+    trainer = Trainer(cfg, model=model)
+    data = {k: v[None] for k, v in batch_arrays(model.config, batch, seed=0).items()}  # [accum=1, batch, ...]
+    holder = {"state": trainer.initial_state()}
+    program = trainer._step.lower(holder["state"], trainer.frozen, data).compile()
+
+    def run_once():
+        holder["state"], metrics = program(holder["state"], trainer.frozen, data)
+        float(metrics["loss"])
+
+    return program, run_once
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=("full", "lora", "forward"), default="full")
+    parser.add_argument("--remat", default="dots", help="TrainConfig.remat of the training workloads")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2, help="executions traced (after 3 untraced ones)")
+    parser.add_argument("--top", type=int, default=12, help="how many of the costliest ops to list")
+    parser.add_argument("--workdir", default="/tmp/vlm_jax_bench")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model: a smoke run of this script")
+    args = parser.parse_args()
+
+    import jax
+
+    program, run_once = build_workload(args.workload, args.remat, args.batch, model_folder(args.workdir, args.tiny))
+    instructions = hlo_instructions(program.as_text())
+    module = program.runtime_executable().hlo_modules()[0].name
+    untraced = []
+    for _ in range(3):
+        start = time.perf_counter()
+        run_once()
+        untraced.append(time.perf_counter() - start)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for _ in range(args.steps):
+                run_once()
+        charged, runs = attribute(read_trace(trace_dir), instructions, module)
+    if runs != args.steps:
+        raise RuntimeError(f"the trace holds {runs} executions of {module}, not the {args.steps} run")
+    per_step = {op: us / runs / 1e3 for op, us in charged.items()}  # ms
+    total = sum(per_step.values())
+
+    print(f"machine: {machine()}")
+    remat = f", remat={args.remat}" if args.workload != "forward" else ""
+    model = "a tiny model" if args.tiny else "the CPU preset"
+    print(f"workload: {args.workload} on {model} (batch {args.batch}{remat}); untraced step {statistics.median(untraced):.3f} s, "
+          f"traced {total / 1e3:.3f} s (mean of {runs})")
+    table = collections.defaultdict(collections.Counter)
+    for op, ms in per_step.items():
+        component, part, phase = scope_of(instructions.get(op, ("", "", ""))[2]) if op != "(runtime)" else ("other", "(runtime)", "forward")
+        table[(component, part)][phase] += ms
+    phases = ("forward", "backward", "recompute", "update")
+    print("\n| component | part | " + " | ".join(f"{p} (ms)" for p in phases) + " | total (ms) | share |")
+    print("|---|---|" + "---|" * (len(phases) + 2))
+    order = {c: i for i, c in enumerate((*COMPONENTS, "other"))}
+    for (component, part), row in sorted(table.items(), key=lambda kv: (order[kv[0][0]], -sum(kv[1].values()))):
+        cells = " | ".join(f"{row[p]:.1f}" if row[p] else "" for p in phases)
+        print(f"| {component} | {part} | {cells} | {sum(row.values()):.1f} | {100 * sum(row.values()) / total:.1f}% |")
+    print(f"\n{args.top} costliest ops (ms per step; 'async': an asynchronous product, charged the time until "
+          "the next op started):")
+    for op, ms in sorted(per_step.items(), key=lambda kv: -kv[1])[:args.top]:
+        shape, opcode, op_name = instructions.get(op, ("", "", ""))
+        where = "/".join(x for x in scope_of(op_name) if x not in ("rest", "other")) if op_name else ""
+        kind = " async" if opcode == "dot" else ""
+        print(f"  {ms:8.1f}  {op}{kind}  {shape}  {where}")
+
+
+if __name__ == "__main__":
+    main()
