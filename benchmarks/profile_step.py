@@ -92,7 +92,7 @@ def read_trace(trace_dir: str) -> list[dict]:
 def attribute(events: list[dict], instructions: dict, module: str) -> tuple[collections.Counter, int]:
     """Microseconds charged to each op of `module` (shared where ops overlap; a span with no op
     running goes to the asynchronous products launched before it, or to '(runtime)'), and the
-    number of executions traced."""
+    number of executions the events' run ids tell apart (events without one count as one)."""
     runs = collections.defaultdict(list)
     for e in events:
         opcode = instructions.get(e["args"]["hlo_op"], ("", "", ""))[1]
@@ -196,8 +196,11 @@ def main() -> None:
             for _ in range(args.steps):
                 run_once()
         charged, runs = attribute(read_trace(trace_dir), instructions, module)
-    if runs != args.steps:
+    if not charged:
+        raise RuntimeError(f"the trace holds no op of {module}: nothing to attribute")
+    if runs not in (1, args.steps):  # (a backend whose events carry no run id gives one group)
         raise RuntimeError(f"the trace holds {runs} executions of {module}, not the {args.steps} run")
+    runs = args.steps
     per_step = {op: us / runs / 1e3 for op, us in charged.items()}  # ms
     total = sum(per_step.values())
 
