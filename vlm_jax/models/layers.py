@@ -166,9 +166,10 @@ def remat_policy(remat: bool | str | None):
     True / "full": each layer keeps only its input and runs again in the backward pass
       (activation memory ~ one layer; about one more forward pass of work).
     "dots": each layer keeps the outputs of its weight products (q/k/v/o projections, MLP,
-      LoRA) and of its attention (output and log-sum-exp, what the attention's backward needs),
-      and recomputes the norms and activations from them. The attention's score matrices are
-      never kept.
+      LoRA) and of its attention (output and log-sum-exp, what the blocked attention's backward
+      needs), and recomputes the norms and activations from them. The attention's score
+      matrices are never kept; the fused attention (jax.nn.dot_product_attention, the default
+      on accelerators) is recomputed.
     """
     name = "full" if remat is True else "none" if remat is None or remat is False else remat
     if not isinstance(name, str) or name not in REMAT_POLICIES:
