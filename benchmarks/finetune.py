@@ -46,6 +46,27 @@ def batch_arrays(cfg, batch: int, seed: int) -> dict:
     }
 
 
+def compiled_step(model, folder: str, variant: str, remat, batch: dict, output_dir: str):
+    """vlm_jax's training step for `variant` ('full': every parameter; 'lora': rank-8 LoRA on the
+    text decoder's q_proj / v_proj) under `remat`, compiled once for `batch` ([accum, micro, ...]).
+    Returns (trainer, the compiled program, a function running one step and returning its loss)."""
+    from vlm_jax.train import LoraConfig, TrainConfig, Trainer
+
+    lora = LoraConfig(rank=8, alpha=16.0, targets=("q_proj", "v_proj"), towers=("text",)) if variant == "lora" else None
+    cfg = TrainConfig(model=folder, train_data=[{}], output_dir=output_dir, lora=lora, param_dtype="float32",
+                      learning_rate=1e-5, betas=(0.9, 0.95), batch_size=1, max_grad_norm=None, remat=remat,
+                      progress=False)
+    trainer = Trainer(cfg, model=model)
+    holder = {"state": trainer.initial_state()}  # the step donates its state: each step's output feeds the next
+    program = trainer._step.lower(holder["state"], trainer.frozen, batch).compile()
+
+    def step() -> float:
+        holder["state"], metrics = program(holder["state"], trainer.frozen, batch)
+        return float(metrics["loss"])
+
+    return trainer, program, step
+
+
 def lora_torch(model, rank=8, alpha=16.0):
     """Rank-r adapters on the text decoder's q_proj / v_proj (A random, B zero), base frozen."""
     import torch
@@ -109,7 +130,6 @@ def main() -> None:
     from transformers import LlavaForConditionalGeneration
 
     import vlm_jax as vj
-    from vlm_jax.train import LoraConfig, TrainConfig, Trainer
 
     folder = build_model(args.workdir)
     model = vj.load(folder, dtype="float32", progress=False)
@@ -119,24 +139,13 @@ def main() -> None:
     print(f"batch: {args.batch} x {data['input_ids'].shape[1]} tokens ({tokens} real), answer {ANSWER} tokens")
     rows, temp_mib = [], {}
     for variant in ("full", "lora"):
-        lora = LoraConfig(rank=8, alpha=16.0, targets=("q_proj", "v_proj"), towers=("text",)) if variant == "lora" else None
         batch = {k: v[None] for k, v in data.items()}  # [accum=1, batch, ...]
         steps = {}  # one compiled step per rematerialisation policy, each with its own state
         for remat in args.remat:
-            cfg = TrainConfig(model=folder, train_data=[{}], output_dir=os.path.join(args.workdir, "ft"), lora=lora,
-                              param_dtype="float32", learning_rate=1e-5, betas=(0.9, 0.95), batch_size=1,
-                              max_grad_norm=None, remat=remat, progress=False)
-            trainer = Trainer(cfg, model=model)
-            holder = {"state": trainer.initial_state()}
-            # the trainer's step compiled once: timed below, and asked for its temporary memory
-            program = trainer._step.lower(holder["state"], trainer.frozen, batch).compile()
+            # the step compiled once: timed below, and asked for its temporary memory
+            trainer, program, steps[remat] = compiled_step(model, folder, variant, remat, batch,
+                                                           os.path.join(args.workdir, "ft"))
             temp_mib[variant, remat] = program.memory_analysis().temp_size_in_bytes / 2**20
-
-            def ours_step(trainer=trainer, holder=holder, program=program):
-                holder["state"], metrics = program(holder["state"], trainer.frozen, batch)
-                return float(metrics["loss"])
-
-            steps[remat] = ours_step
         hf = LlavaForConditionalGeneration.from_pretrained(folder, attn_implementation="sdpa")
         hf.train()
         params = lora_torch(hf) if variant == "lora" else list(hf.parameters())

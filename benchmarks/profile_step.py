@@ -37,7 +37,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import machine  # noqa: E402
-from finetune import batch_arrays  # noqa: E402
+from finetune import batch_arrays, compiled_step  # noqa: E402
 from interp import build_model, make_inputs  # noqa: E402
 
 COMPONENTS = ("vision_tower", "projector", "embed", "text_decoder", "unembed", "loss", "optimizer")
@@ -152,21 +152,9 @@ def build_workload(name: str, remat: str, batch: int, folder: str):
             jax.block_until_ready(program(model.params, inputs).logits)
 
         return program, run_once
-    from vlm_jax.train import LoraConfig, TrainConfig, Trainer
-
-    lora = LoraConfig(rank=8, alpha=16.0, targets=("q_proj", "v_proj"), towers=("text",)) if name == "lora" else None
-    cfg = TrainConfig(model=folder, train_data=[{}], output_dir=os.path.join(os.path.dirname(folder), "profile-train"), lora=lora,
-                      param_dtype="float32", learning_rate=1e-5, betas=(0.9, 0.95), batch_size=1, max_grad_norm=None,
-                      remat=remat, progress=False)
-    trainer = Trainer(cfg, model=model)
     data = {k: v[None] for k, v in batch_arrays(model.config, batch, seed=0).items()}  # [accum=1, batch, ...]
-    holder = {"state": trainer.initial_state()}
-    program = trainer._step.lower(holder["state"], trainer.frozen, data).compile()
-
-    def run_once():
-        holder["state"], metrics = program(holder["state"], trainer.frozen, data)
-        float(metrics["loss"])
-
+    _, program, run_once = compiled_step(model, folder, name, remat, data,
+                                         os.path.join(os.path.dirname(folder), "profile-train"))
     return program, run_once
 
 

@@ -202,7 +202,8 @@ def forward(
       prefix: soft-prompt embeddings [n, D] inserted before each row's first real token
         (positions are recounted; Output.token_index maps input tokens to output positions).
       remat: what each layer keeps for the backward pass (training): False/'none' everything,
-        True/'full' only its input, 'dots' its weight products' outputs (layers.remat_policy).
+        True/'full' only its input, 'dots' its weight products' and attention's outputs
+        (layers.remat_policy).
     """
     capture = validate_capture(capture)
     if edits is not None and not edits.ops:

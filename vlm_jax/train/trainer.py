@@ -79,7 +79,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     # what each layer keeps for the backward pass: True/'full' (its input only; least memory),
-    # 'dots' (its weight products' outputs), False/'none' (everything; fastest) - layers.remat_policy
+    # 'dots' (its weight products' and attention's outputs), False/'none' (everything) - layers.remat_policy
     remat: bool | str = True
     # None: the fused attention kernel (jax.nn.dot_product_attention; on GPU its forward is cuDNN's
     # and its gradient XLA's, see nn.attention.fused_forward_kernel) on accelerators, the explicit
