@@ -57,18 +57,22 @@ def _generate(params, config: LlavaConfig, input_ids, attention_mask, pixel_valu
               *, new_slots: int, sampling: Sampling, eos_ids: tuple, pad_id: int, fused: bool):
     batch, prompt_len = input_ids.shape
     dtype = params["language_model"]["embed_tokens"]["embedding"].dtype
-    # Every decode step reads all decoder weights: per-layer copies made once here spare the
-    # steps a copy of each layer's weights out of the stack (see layers.unrolled_layers).
-    params = {**params, "language_model": text_decoder.unstack_layers(params["language_model"])}
-    cache = text_decoder.init_cache(config.text, batch, prompt_len + new_slots, dtype, per_layer=True)
-    key_valid = jnp.concatenate([attention_mask.astype(bool), jnp.zeros((batch, new_slots), bool)], axis=1)
     positions = llava.default_positions(attention_mask)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions}
     if pixel_values is not None:
         inputs["pixel_values"] = pixel_values
     last = jnp.full((batch, 1), prompt_len - 1, jnp.int32)  # prompts are left-aligned
-    out = llava.forward(params, config, inputs, cache=cache, cache_index=0, key_valid=key_valid,
-                        logit_positions=last, fused_attention=fused)
+    # The prefill runs the stacked layers in one lax.scan, filling a stacked cache of the prompt's
+    # slots: on CPU that is 50-60 ms faster at batch 1 than unrolled layers on per-layer copies.
+    prefill_cache = text_decoder.init_cache(config.text, batch, prompt_len, dtype)
+    out = llava.forward(params, config, inputs, cache=prefill_cache, cache_index=0,
+                        key_valid=attention_mask.astype(bool), logit_positions=last, fused_attention=fused)
+    # Every decode step reads all decoder weights: per-layer copies made once here spare the
+    # steps a copy of each layer's weights out of the stack (see layers.unrolled_layers); the
+    # cache goes per layer too, with the new tokens' slots after the prompt's.
+    params = {**params, "language_model": text_decoder.unstack_layers(params["language_model"])}
+    cache = text_decoder.split_cache(out.cache, new_slots)
+    key_valid = jnp.concatenate([attention_mask.astype(bool), jnp.zeros((batch, new_slots), bool)], axis=1)
     rng, sub = jax.random.split(rng)
     token = choose_token(out.logits[:, -1], sampling, sub)
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
@@ -99,7 +103,7 @@ def _generate(params, config: LlavaConfig, input_ids, attention_mask, pixel_valu
         return step + 1, tokens, next_token, out.cache, key_valid, done, position, rng
 
     tokens = jnp.full((batch, new_slots), pad_id, jnp.int32)
-    state = (jnp.int32(0), tokens, token, out.cache, key_valid, jnp.zeros((batch,), bool),
+    state = (jnp.int32(0), tokens, token, cache, key_valid, jnp.zeros((batch,), bool),
              positions[:, -1], rng)
     step, tokens, token, _, _, done, _, _ = jax.lax.while_loop(cond, body, state)
     tokens, _, _ = emit(tokens, token, done, step)  # the last token (a pad once every row has stopped)

@@ -221,6 +221,20 @@ def unstack_layers(params: dict) -> dict:
     return {**params, "layers": tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))}
 
 
+def split_cache(stacked: dict, extra_slots: int) -> tuple:
+    """A stacked cache {'k', 'v': [L, *rows, S, E]} (init_cache) as per-layer caches
+    {'k', 'v': [*rows, S + extra_slots, E]} (init_cache(..., per_layer=True)), with extra_slots
+    empty slots after the filled ones: a prefill runs on the stacked layers, the decode steps on
+    unstack_layers."""
+    def layer(buffer, i):
+        slots = [(0, 0)] * (buffer.ndim - 1)
+        slots[-2] = (0, extra_slots)
+        return jnp.pad(buffer[i], slots)
+
+    n = stacked["k"].shape[0]
+    return tuple({"k": layer(stacked["k"], i), "v": layer(stacked["v"], i)} for i in range(n))
+
+
 @jax.named_scope("unembed")
 def final_norm(params: dict, cfg: TextConfig, h: jax.Array) -> jax.Array:
     return rms_norm(h, params["norm"], cfg.rms_norm_eps)
