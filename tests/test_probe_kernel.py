@@ -132,7 +132,7 @@ def test_a_kernel_that_cannot_be_built_leaves_nothing_and_probes_still_fit(tmp_p
         script = 'for a; do case "$prev" in -o) echo partial > "$a";; esac; prev="$a"; done\nexit 1\n'
         monkeypatch.setenv("CXX", fake_compiler(str(tmp_path), script))
     monkeypatch.setenv("VLM_JAX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(cpu_kernel, "_status", {})
+    monkeypatch.setattr(cpu_kernel.LIBRARY, "_status", {})
     with pytest.warns(cpu_kernel.KernelBuildWarning, match="could not be built"):
         assert not cpu_kernel.available()
     assert not cpu_kernel.library_path().exists()
@@ -150,6 +150,6 @@ def test_a_kernel_that_cannot_be_built_leaves_nothing_and_probes_still_fit(tmp_p
 
 def test_the_kernel_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("VLM_JAX_CPU_KERNELS", "0")
-    monkeypatch.setattr(cpu_kernel, "_status", {})
+    monkeypatch.setattr(cpu_kernel.LIBRARY, "_status", {})
     assert not cpu_kernel.available()
     assert not linear._kernel_applies(jnp.zeros((1, 4, 3), jnp.float32))

@@ -19,6 +19,7 @@ import numpy as np
 from vlm_jax.config import LlavaConfig
 from vlm_jax.multihost import to_host
 from vlm_jax.models import llava, text_decoder
+from vlm_jax.nn import panel_matmul
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,8 @@ def choose_token(logits: jax.Array, sampling: Sampling, rng: jax.Array) -> jax.A
 
 
 def _generate(params, config: LlavaConfig, input_ids, attention_mask, pixel_values, rng, max_new_tokens,
-              *, new_slots: int, sampling: Sampling, eos_ids: tuple, pad_id: int, fused: bool):
+              *, new_slots: int, sampling: Sampling, eos_ids: tuple, pad_id: int, fused: bool,
+              packed: bool = False):
     batch, prompt_len = input_ids.shape
     dtype = params["language_model"]["embed_tokens"]["embedding"].dtype
     positions = llava.default_positions(attention_mask)
@@ -69,8 +71,13 @@ def _generate(params, config: LlavaConfig, input_ids, attention_mask, pixel_valu
                         key_valid=attention_mask.astype(bool), logit_positions=last, fused_attention=fused)
     # Every decode step reads all decoder weights: per-layer copies made once here spare the
     # steps a copy of each layer's weights out of the stack (see layers.unrolled_layers); the
-    # cache goes per layer too, with the new tokens' slots after the prompt's.
-    params = {**params, "language_model": text_decoder.unstack_layers(params["language_model"])}
+    # cache goes per layer too, with the new tokens' slots after the prompt's. With `packed`
+    # the copies are column panels for the CPU kernel of few-row products (uses_packed_kernels).
+    decoder = text_decoder.unstack_layers(params["language_model"])
+    if packed:
+        decoder, lm_head = text_decoder.pack_kernels(decoder, params.get("lm_head"))
+        params = {**params, "lm_head": lm_head}
+    params = {**params, "language_model": decoder}
     cache = text_decoder.split_cache(out.cache, new_slots)
     key_valid = jnp.concatenate([attention_mask.astype(bool), jnp.zeros((batch, new_slots), bool)], axis=1)
     rng, sub = jax.random.split(rng)
@@ -110,7 +117,7 @@ def _generate(params, config: LlavaConfig, input_ids, attention_mask, pixel_valu
     return tokens, step
 
 
-_STATIC = ("config", "new_slots", "sampling", "eos_ids", "pad_id", "fused")
+_STATIC = ("config", "new_slots", "sampling", "eos_ids", "pad_id", "fused", "packed")
 _generate_jit = jax.jit(_generate, static_argnames=_STATIC)
 # On CPU, XLA hands dots to YNNPACK by default, which runs the decode steps' skinny products
 # ([B, D] x [D, F] with B of a few rows) far below memory speed (the unembedding at B=4: 8.8
@@ -120,10 +127,27 @@ _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_RED
 _generate_jit_cpu = jax.jit(_generate, static_argnames=_STATIC, compiler_options=_CPU_OPTIONS)
 
 
+def _on_one_cpu(params: dict) -> bool:
+    devices = jax.tree.leaves(params)[0].devices()
+    return len(devices) == 1 and next(iter(devices)).platform == "cpu"
+
+
 def compiled_generate(params: dict):
     """The jitted decoding function `generate` runs for these parameters (CPU or not)."""
     on_cpu = jax.tree.leaves(params)[0].devices().pop().platform == "cpu"
     return _generate_jit_cpu if on_cpu else _generate_jit
+
+
+def uses_packed_kernels(params: dict, batch: int) -> bool:
+    """Whether the decode steps multiply with column-panel weights in the CPU kernel
+    (nn/panel_matmul.py): for 2-8 rows of float32 parameters on one CPU device, where XLA's own
+    products read the weights at about half the memory speed (a batch-4 step of the 62M CPU
+    model: 15.5 -> ~11 ms; benchmarks/RESULTS.md). One row XLA reads as fast; more than 8 the
+    kernel reads each panel several times; sharded parameters keep XLA's products (the kernel is
+    not partitioned)."""
+    text = params["language_model"]["embed_tokens"]["embedding"]
+    return (2 <= batch <= panel_matmul.MAX_ROWS and text.dtype == jnp.float32 and _on_one_cpu(params)
+            and panel_matmul.available())
 
 
 def decode_program_text(params: dict, config: LlavaConfig, input_ids, attention_mask, pixel_values,
@@ -134,7 +158,8 @@ def decode_program_text(params: dict, config: LlavaConfig, input_ids, attention_
     loop (copies of the cache, collectives under a mesh); nothing is run."""
     lowered = compiled_generate(params).lower(
         params, config, input_ids, attention_mask, pixel_values, jax.random.key(0), jnp.int32(new_slots),
-        new_slots=new_slots, sampling=Sampling(), eos_ids=(), pad_id=0, fused=fused)
+        new_slots=new_slots, sampling=Sampling(), eos_ids=(), pad_id=0, fused=fused,
+        packed=uses_packed_kernels(params, input_ids.shape[0]))
     return lowered.compile().as_text()
 
 
@@ -197,5 +222,6 @@ def generate(
         jnp.int32(max_new_tokens),
         new_slots=round_up(max_new_tokens, new_token_bucket), sampling=sampling,
         eos_ids=tuple(int(e) for e in eos_token_ids), pad_id=int(pad_token_id), fused=fused_attention,
+        packed=uses_packed_kernels(params, ids.shape[0]),
     )
     return to_host(tokens)[:, :max_new_tokens]

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 from vlm_jax.config import TextConfig
 from vlm_jax.interp.edits import layer_slices
 from vlm_jax.interp.site_hooks import Sites, score_editor
-from vlm_jax.models.layers import gated_mlp, merge_heads, project_heads, scan_layers, unrolled_layers
+from vlm_jax.models.layers import gated_mlp, linear, merge_heads, project_heads, scan_layers, unrolled_layers
 from vlm_jax.models.params import ParamSpec, dense, norm, stack
+from vlm_jax.nn import panel_matmul
 from vlm_jax.nn.attention import attention, causal_mask, mask_to_bias, merged_heads
 from vlm_jax.nn.norms import rms_norm
 from vlm_jax.nn.rope import apply_rope, rope_cos_sin
@@ -221,6 +222,33 @@ def unstack_layers(params: dict) -> dict:
     return {**params, "layers": tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))}
 
 
+# the weight products of a decoder layer: (module, projection) -> how many leading axes of its
+# kernel are contracted (layers._project)
+PROJECTIONS = {("self_attn", "q_proj"): 1, ("self_attn", "k_proj"): 1, ("self_attn", "v_proj"): 1,
+               ("self_attn", "o_proj"): 2, ("mlp", "gate_proj"): 1, ("mlp", "up_proj"): 1, ("mlp", "down_proj"): 1}
+
+
+def pack_kernels(params: dict, lm_head: dict | None) -> tuple[dict, dict]:
+    """The decoder with unstacked layers (unstack_layers) and its unembedding, with every weight
+    kernel packed as column panels (panel_matmul.pack): the decode steps' products then run in
+    the CPU kernel, which reads each weight at memory speed for a few rows. Tied embeddings get
+    an unembedding of their own (a packed copy of the embedding's transpose). Inference only.
+    Returns (params, lm_head)."""
+    def pack_layer(layer: dict) -> dict:
+        layer = dict(layer)
+        for (module, name), n_in in PROJECTIONS.items():
+            projection = layer[module][name]
+            layer[module] = {**layer[module], name: {**projection,
+                                                      "kernel": panel_matmul.pack(projection["kernel"], n_in)}}
+        return layer
+
+    if not isinstance(params["layers"], (list, tuple)):
+        raise ValueError("pack_kernels takes the decoder with unstacked layers: pass unstack_layers(params)")
+    unembedding = lm_head["kernel"] if lm_head is not None else params["embed_tokens"]["embedding"].T
+    packed_head = {**(lm_head or {}), "kernel": panel_matmul.pack(unembedding, 1)}
+    return {**params, "layers": tuple(pack_layer(layer) for layer in params["layers"])}, packed_head
+
+
 def split_cache(stacked: dict, extra_slots: int) -> tuple:
     """A stacked cache {'k', 'v': [L, *rows, S, E]} (init_cache) as per-layer caches
     {'k', 'v': [*rows, S + extra_slots, E]} (init_cache(..., per_layer=True)), with extra_slots
@@ -243,7 +271,9 @@ def final_norm(params: dict, cfg: TextConfig, h: jax.Array) -> jax.Array:
 @jax.named_scope("unembed")
 def unembed(params: dict, lm_head: dict | None, h: jax.Array) -> jax.Array:
     """Logits [..., V] from final-normed states [..., D] (tied embeddings when lm_head is None)."""
-    if lm_head is None:
+    if lm_head is not None and isinstance(lm_head["kernel"], panel_matmul.PackedKernel):
+        logits = linear(h, lm_head)  # decode steps on CPU (pack_kernels)
+    elif lm_head is None:
         logits = jnp.einsum("...d,vd->...v", h, params["embed_tokens"]["embedding"])
     else:
         logits = jnp.einsum("...d,dv->...v", h, lm_head["kernel"])

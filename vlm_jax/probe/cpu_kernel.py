@@ -1,4 +1,4 @@
-"""CPU kernels for fitting logistic probes (kernels/logistic_probe.cc), as JAX ops.
+"""CPU kernels for fitting logistic probes (vlm_jax/native/logistic_probe.cc), as JAX ops.
 
 - `logistic_eval(X, layer, W, bias, labels, share)`: one evaluation of a softmax probe's data
   term in one pass over a layer's features: the loss, X^T G and the column sums of G. XLA's own
@@ -9,100 +9,34 @@
 
 Both run as XLA FFI custom calls on the CPU backend, on the threads of XLA's intra-op pool.
 
-The kernel is compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`) for the
-machine's own instruction set, and cached under `$VLM_JAX_CACHE` (default ~/.cache/vlm_jax),
-keyed by the source, the compiler flags, jaxlib's version and the CPU. Where it cannot be built
-(no compiler), `available()` says so once with a warning and the probes use XLA's products;
+The kernel (vlm_jax/native/logistic_probe.cc) is compiled on first use for the machine's own
+instruction set and cached (vlm_jax/native/build.py). Where it cannot be built (no compiler),
+`available()` says so once with a warning and the probes use XLA's products;
 `VLM_JAX_CPU_KERNELS=0` turns the kernel off.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-import warnings
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
-import jaxlib
 
-TARGETS = {"vlm_jax_logistic_eval": "VlmJaxLogisticEval", "vlm_jax_column_moments": "VlmJaxColumnMoments"}
-SOURCE = Path(__file__).parent / "kernels" / "logistic_probe.cc"
-FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-w")
+from vlm_jax.native.build import CpuKernelLibrary, KernelBuildWarning
 
-_lock = threading.Lock()
-_status: dict[str, object] = {}  # "ok": bool, "library": the loaded library (kept alive)
+__all__ = ["KernelBuildWarning", "LIBRARY", "available", "column_moments", "library_path", "logistic_eval"]
 
-
-class KernelBuildWarning(UserWarning):
-    """The CPU kernel could not be built; probes fall back to XLA's products (slower on CPU)."""
-
-
-def _cpu_signature() -> str:
-    """What -march=native depends on: the CPU's model and feature flags."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [line for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))]
-        return "".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor() + platform.machine()
-
-
-def library_path() -> Path:
-    """Where the compiled kernel for this machine is (or will be) cached."""
-    key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), jaxlib.__version__.encode(),
-                 _cpu_signature().encode(), os.environ.get("CXX", "c++").encode()):
-        key.update(part)
-        key.update(b"\0")
-    cache = Path(os.environ.get("VLM_JAX_CACHE", Path.home() / ".cache" / "vlm_jax"))
-    return cache / "kernels" / f"logistic_probe-{key.hexdigest()[:16]}.so"
-
-
-def _build(target: Path) -> None:
-    """Compiles the kernel into `target`, atomically: a failed or interrupted build leaves nothing there."""
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C++ compiler found ({compiler!r}); install one (e.g. g++) or set $CXX")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        built = Path(scratch) / target.name
-        command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
-        os.replace(built, target)
+LIBRARY = CpuKernelLibrary(
+    "logistic_probe", {"vlm_jax_logistic_eval": "VlmJaxLogisticEval", "vlm_jax_column_moments": "VlmJaxColumnMoments"},
+    fallback="probes use XLA's products (slower on CPU)")
 
 
 def available() -> bool:
     """Builds (once per machine, cached), loads and registers the kernel; False if it cannot."""
-    with _lock:
-        if "ok" in _status:
-            return bool(_status["ok"])
-        if os.environ.get("VLM_JAX_CPU_KERNELS", "1") == "0":
-            _status["ok"] = False
-            return False
-        try:
-            path = library_path()
-            if not path.exists():
-                _build(path)
-            library = ctypes.cdll.LoadLibrary(str(path))
-            for target, symbol in TARGETS.items():
-                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-        except Exception as error:  # noqa: BLE001 - any failure means: use XLA's products
-            warnings.warn(f"the CPU kernels for logistic probes could not be built, so probes use XLA's "
-                          f"products (slower on CPU). Cause: {error}", KernelBuildWarning, stacklevel=3)
-            _status["ok"] = False
-            return False
-        _status.update(ok=True, library=library)
-        return True
+    return LIBRARY.available()
+
+
+def library_path():
+    """Where the compiled kernel for this machine is (or will be) cached."""
+    return LIBRARY.library_path()
 
 
 def _require(X: jax.Array) -> None:

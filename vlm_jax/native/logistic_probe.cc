@@ -1,5 +1,5 @@
 // Two XLA FFI custom calls for fitting logistic probes on XLA's CPU backend (built and loaded by
-// vlm_jax/probe/cpu_kernel.py):
+// vlm_jax/probe/cpu_kernel.py, with vlm_jax/native/build.py):
 //
 // VlmJaxColumnMoments: the mean and standard deviation of every feature of one layer, in one pass.
 // Inputs:  X [L, N, D] (float32), layer [] (int32).  Outputs: mean [D], std [D] (population std).
@@ -38,9 +38,12 @@
 #include <immintrin.h>
 #endif
 
+#include "thread_blocks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using vlm_jax_native::run_blocks;
+using vlm_jax_native::slots_for;
 
 namespace {
 
@@ -299,42 +302,6 @@ void run_block(const Problem& p, int64_t block, Partial& out) {
     out.loss += softmax_tile(p, j, count, z, out.gb.data());
     gradient_tile(p, j, count, z, gp, out);
   }
-}
-
-// Blocks of work shared among the calling thread and helpers from XLA's intra-op pool. Each
-// worker takes a slot (0 is the caller) for its partial results, then blocks until none are left.
-struct WorkQueue {
-  int64_t blocks = 0, slots = 0;
-  std::atomic<int64_t> next_block{0}, done_blocks{0}, next_slot{0};
-  std::function<void(int64_t slot, int64_t block)> run;
-};
-
-void drain(WorkQueue& queue) {
-  const int64_t slot = queue.next_slot.fetch_add(1);
-  if (slot >= queue.slots) return;
-  for (;;) {
-    const int64_t block = queue.next_block.fetch_add(1);
-    if (block >= queue.blocks) return;
-    queue.run(slot, block);
-    queue.done_blocks.fetch_add(1, std::memory_order_release);
-  }
-}
-
-// how many slots (workers) run_blocks uses for `blocks` blocks
-int64_t slots_for(ffi::ThreadPool& pool, int64_t blocks) {
-  return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), blocks));
-}
-
-// runs run(slot, block) for every block; returns when all are done. A helper that starts late finds
-// no block left and never calls run, so run may refer to the caller's stack.
-void run_blocks(ffi::ThreadPool& pool, int64_t blocks, std::function<void(int64_t, int64_t)> run) {
-  auto queue = std::make_shared<WorkQueue>();
-  queue->blocks = blocks;
-  queue->slots = slots_for(pool, blocks);
-  queue->run = std::move(run);
-  for (int64_t helper = 1; helper < queue->slots; ++helper) pool.Schedule([queue] { drain(*queue); });
-  drain(*queue);
-  while (queue->done_blocks.load(std::memory_order_acquire) < blocks) std::this_thread::yield();
 }
 
 // Visits every entry (row, class) of a [D, C] matrix held in the kernel's layouts (the weights
