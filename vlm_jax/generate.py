@@ -19,7 +19,7 @@ import numpy as np
 from vlm_jax.config import LlavaConfig
 from vlm_jax.multihost import to_host
 from vlm_jax.models import llava, text_decoder
-from vlm_jax.nn import panel_matmul
+from vlm_jax.nn import decode_matmul
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def choose_token(logits: jax.Array, sampling: Sampling, rng: jax.Array) -> jax.A
 
 def _generate(params, config: LlavaConfig, input_ids, attention_mask, pixel_values, rng, max_new_tokens,
               *, new_slots: int, sampling: Sampling, eos_ids: tuple, pad_id: int, fused: bool,
-              packed: bool = False):
+              kernels: str | None = None):
     batch, prompt_len = input_ids.shape
     dtype = params["language_model"]["embed_tokens"]["embedding"].dtype
     positions = llava.default_positions(attention_mask)
@@ -69,14 +69,17 @@ def _generate(params, config: LlavaConfig, input_ids, attention_mask, pixel_valu
     prefill_cache = text_decoder.init_cache(config.text, batch, prompt_len, dtype)
     out = llava.forward(params, config, inputs, cache=prefill_cache, cache_index=0,
                         key_valid=attention_mask.astype(bool), logit_positions=last, fused_attention=fused)
-    # Every decode step reads all decoder weights: per-layer copies made once here spare the
-    # steps a copy of each layer's weights out of the stack (see layers.unrolled_layers); the
-    # cache goes per layer too, with the new tokens' slots after the prompt's. With `packed`
-    # the copies are column panels for the CPU kernel of few-row products (uses_packed_kernels).
-    decoder = text_decoder.unstack_layers(params["language_model"])
-    if packed:
-        decoder, lm_head = text_decoder.pack_kernels(decoder, params.get("lm_head"))
-        params = {**params, "lm_head": lm_head}
+    # Every decode step reads all decoder weights. With `kernels` (decode_kernel_form) the CPU
+    # kernels of nn/decode_matmul.py read them at memory speed: in place in their stack, or
+    # packed once into column panels. Otherwise per-layer copies made once here spare the steps
+    # a copy of each layer's weights out of the stack (see layers.unrolled_layers). The cache
+    # goes per layer, with the new tokens' slots after the prompt's.
+    if kernels is None:
+        decoder = text_decoder.unstack_layers(params["language_model"])
+    else:
+        decoder, lm_head = text_decoder.decode_kernels(params["language_model"], params.get("lm_head"), kernels)
+        if lm_head is not None:
+            params = {**params, "lm_head": lm_head}
     params = {**params, "language_model": decoder}
     cache = text_decoder.split_cache(out.cache, new_slots)
     key_valid = jnp.concatenate([attention_mask.astype(bool), jnp.zeros((batch, new_slots), bool)], axis=1)
@@ -117,7 +120,7 @@ def _generate(params, config: LlavaConfig, input_ids, attention_mask, pixel_valu
     return tokens, step
 
 
-_STATIC = ("config", "new_slots", "sampling", "eos_ids", "pad_id", "fused", "packed")
+_STATIC = ("config", "new_slots", "sampling", "eos_ids", "pad_id", "fused", "kernels")
 _generate_jit = jax.jit(_generate, static_argnames=_STATIC)
 # On CPU, XLA hands dots to YNNPACK by default, which runs the decode steps' skinny products
 # ([B, D] x [D, F] with B of a few rows) far below memory speed (the unembedding at B=4: 8.8
@@ -138,16 +141,19 @@ def compiled_generate(params: dict):
     return _generate_jit_cpu if on_cpu else _generate_jit
 
 
-def uses_packed_kernels(params: dict, batch: int) -> bool:
-    """Whether the decode steps multiply with column-panel weights in the CPU kernel
-    (nn/panel_matmul.py): for 2-8 rows of float32 parameters on one CPU device, where XLA's own
-    products read the weights at about half the memory speed (a batch-4 step of the 62M CPU
-    model: 15.5 -> ~11 ms; benchmarks/RESULTS.md). One row XLA reads as fast; more than 8 the
-    kernel reads each panel several times; sharded parameters keep XLA's products (the kernel is
-    not partitioned)."""
+def decode_kernel_form(params: dict, batch: int) -> str | None:
+    """How the decode steps multiply with the weights: in the CPU kernels of nn/decode_matmul.py
+    for 1-8 rows of float32 parameters on one CPU device, where XLA's products read the weights
+    at about half the memory speed for 2-8 rows, and generate had to copy them out of their stack
+    first. "stacked" (1-4 rows) reads the stacked weights in place; "packed" (5-8 rows) copies them
+    once into column panels, which that kernel reads faster for many rows. None: XLA's products
+    on per-layer copies (more rows, other devices, sharded or non-float32 parameters; the kernels
+    are not partitioned). Chosen by timing generate on the CPU preset (benchmarks/RESULTS.md)."""
     text = params["language_model"]["embed_tokens"]["embedding"]
-    return (2 <= batch <= panel_matmul.MAX_ROWS and text.dtype == jnp.float32 and _on_one_cpu(params)
-            and panel_matmul.available())
+    if not (1 <= batch <= decode_matmul.MAX_ROWS and text.dtype == jnp.float32 and _on_one_cpu(params)
+            and decode_matmul.available()):
+        return None
+    return "stacked" if batch <= 4 else "packed"
 
 
 def decode_program_text(params: dict, config: LlavaConfig, input_ids, attention_mask, pixel_values,
@@ -159,7 +165,7 @@ def decode_program_text(params: dict, config: LlavaConfig, input_ids, attention_
     lowered = compiled_generate(params).lower(
         params, config, input_ids, attention_mask, pixel_values, jax.random.key(0), jnp.int32(new_slots),
         new_slots=new_slots, sampling=Sampling(), eos_ids=(), pad_id=0, fused=fused,
-        packed=uses_packed_kernels(params, input_ids.shape[0]))
+        kernels=decode_kernel_form(params, input_ids.shape[0]))
     return lowered.compile().as_text()
 
 
@@ -222,6 +228,6 @@ def generate(
         jnp.int32(max_new_tokens),
         new_slots=round_up(max_new_tokens, new_token_bucket), sampling=sampling,
         eos_ids=tuple(int(e) for e in eos_token_ids), pad_id=int(pad_token_id), fused=fused_attention,
-        packed=uses_packed_kernels(params, ids.shape[0]),
+        kernels=decode_kernel_form(params, ids.shape[0]),
     )
     return to_host(tokens)[:, :max_new_tokens]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from vlm_jax.errors import SettingError
 from vlm_jax.nn.activations import activation
-from vlm_jax.nn import panel_matmul
+from vlm_jax.nn import decode_matmul
 from vlm_jax.nn.attention import ATTENTION_RESIDUALS
 from vlm_jax.sharding import constrain
 
@@ -31,7 +31,7 @@ def _project(x: jax.Array, params: dict, n_in: int) -> jax.Array:
     gradient; flat, the MLP's gradient at 2 x 601 tokens measured 150 -> 108 ms
     (benchmarks/RESULTS.md).
 
-    The kernel may be a panel_matmul.PackedKernel (generate's decode steps on CPU).
+    The kernel may be one of decode_matmul.KERNEL_FORMS (generate's decode steps on CPU).
 
     LoRA: A [*in, r] and B [r, *out] (vlm_jax.train.lora adds them next to the kernel) add
     (x A) B * scale; the frozen kernel gets no weight gradient, only A and B do.
@@ -40,8 +40,8 @@ def _project(x: jax.Array, params: dict, n_in: int) -> jax.Array:
     in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
     lead = x.shape[: x.ndim - n_in]
     rows = x.reshape(-1, math.prod(in_shape))
-    if isinstance(kernel, panel_matmul.PackedKernel):  # decode steps on CPU (generate)
-        y = panel_matmul.matmul(rows, kernel)
+    if isinstance(kernel, decode_matmul.KERNEL_FORMS):  # decode steps on CPU (generate)
+        y = decode_matmul.matmul(rows, kernel)
     else:
         y = rows @ kernel.reshape(rows.shape[1], -1)
     if "lora_a" in params:

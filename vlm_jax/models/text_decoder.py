@@ -19,7 +19,7 @@ from vlm_jax.interp.edits import layer_slices
 from vlm_jax.interp.site_hooks import Sites, score_editor
 from vlm_jax.models.layers import gated_mlp, linear, merge_heads, project_heads, scan_layers, unrolled_layers
 from vlm_jax.models.params import ParamSpec, dense, norm, stack
-from vlm_jax.nn import panel_matmul
+from vlm_jax.nn import decode_matmul
 from vlm_jax.nn.attention import attention, causal_mask, mask_to_bias, merged_heads
 from vlm_jax.nn.norms import rms_norm
 from vlm_jax.nn.rope import apply_rope, rope_cos_sin
@@ -228,25 +228,39 @@ PROJECTIONS = {("self_attn", "q_proj"): 1, ("self_attn", "k_proj"): 1, ("self_at
                ("self_attn", "o_proj"): 2, ("mlp", "gate_proj"): 1, ("mlp", "up_proj"): 1, ("mlp", "down_proj"): 1}
 
 
-def pack_kernels(params: dict, lm_head: dict | None) -> tuple[dict, dict]:
-    """The decoder with unstacked layers (unstack_layers) and its unembedding, with every weight
-    kernel packed as column panels (panel_matmul.pack): the decode steps' products then run in
-    the CPU kernel, which reads each weight at memory speed for a few rows. Tied embeddings get
-    an unembedding of their own (a packed copy of the embedding's transpose). Inference only.
+def decode_kernels(params: dict, lm_head: dict | None, form: str) -> tuple[dict, dict | None]:
+    """The decoder's parameters with its weight kernels in a form for the CPU kernels of
+    nn/decode_matmul.py, which read them at memory speed for a few rows (decode steps):
+      "stacked": layer i's kernels are references into the stacked kernels (StackedKernel; no
+        copy); the unembedding too, unless the embeddings are tied (then XLA's product stays);
+      "packed": every kernel and the unembedding copied into column panels (PackedKernel); tied
+        embeddings get a packed copy of the embedding's transpose.
+    The layers come back unstacked (a tuple of per-layer trees, run unrolled: layers.
+    unrolled_layers); their small parameters (norms, biases) are sliced out. Inference only.
     Returns (params, lm_head)."""
-    def pack_layer(layer: dict) -> dict:
-        layer = dict(layer)
-        for (module, name), n_in in PROJECTIONS.items():
-            projection = layer[module][name]
-            layer[module] = {**layer[module], name: {**projection,
-                                                      "kernel": panel_matmul.pack(projection["kernel"], n_in)}}
-        return layer
+    stacked = params["layers"]
+    if isinstance(stacked, (list, tuple)):
+        raise ValueError("decode_kernels takes the decoder with stacked layers (as loaded), not unstack_layers'")
+    n_layers = jax.tree.leaves(stacked)[0].shape[0]
 
-    if not isinstance(params["layers"], (list, tuple)):
-        raise ValueError("pack_kernels takes the decoder with unstacked layers: pass unstack_layers(params)")
-    unembedding = lm_head["kernel"] if lm_head is not None else params["embed_tokens"]["embedding"].T
-    packed_head = {**(lm_head or {}), "kernel": panel_matmul.pack(unembedding, 1)}
-    return {**params, "layers": tuple(pack_layer(layer) for layer in params["layers"])}, packed_head
+    def kernel_of(stack: jax.Array, i: int, n_in: int):
+        return decode_matmul.layer_of(stack, i, n_in) if form == "stacked" else decode_matmul.pack(stack[i], n_in)
+
+    def layer(i: int) -> dict:
+        tree = jax.tree.map(lambda a: a[i], stacked)  # the kernels' slices are replaced below (jit drops them)
+        for (module, name), n_in in PROJECTIONS.items():
+            projection = {**tree[module][name], "kernel": kernel_of(stacked[module][name]["kernel"], i, n_in)}
+            tree[module] = {**tree[module], name: projection}
+        return tree
+
+    if form not in ("stacked", "packed"):
+        raise ValueError(f"form must be 'stacked' or 'packed'; got {form!r}")
+    if lm_head is not None:
+        kernel = lm_head["kernel"]
+        lm_head = {**lm_head, "kernel": kernel_of(kernel[None], 0, 1)}  # [None]: a stack of one (no copy)
+    elif form == "packed":
+        lm_head = {"kernel": decode_matmul.pack(params["embed_tokens"]["embedding"].T, 1)}
+    return {**params, "layers": tuple(layer(i) for i in range(n_layers))}, lm_head
 
 
 def split_cache(stacked: dict, extra_slots: int) -> tuple:
@@ -271,8 +285,8 @@ def final_norm(params: dict, cfg: TextConfig, h: jax.Array) -> jax.Array:
 @jax.named_scope("unembed")
 def unembed(params: dict, lm_head: dict | None, h: jax.Array) -> jax.Array:
     """Logits [..., V] from final-normed states [..., D] (tied embeddings when lm_head is None)."""
-    if lm_head is not None and isinstance(lm_head["kernel"], panel_matmul.PackedKernel):
-        logits = linear(h, lm_head)  # decode steps on CPU (pack_kernels)
+    if lm_head is not None and isinstance(lm_head["kernel"], decode_matmul.KERNEL_FORMS):
+        logits = linear(h, lm_head)  # decode steps on CPU (decode_kernels)
     elif lm_head is None:
         logits = jnp.einsum("...d,vd->...v", h, params["embed_tokens"]["embedding"])
     else:
