@@ -145,15 +145,17 @@ def decode_kernel_form(params: dict, batch: int) -> str | None:
     """How the decode steps multiply with the weights: in the CPU kernels of nn/decode_matmul.py
     for 1-8 rows of float32 parameters on one CPU device, where XLA's products read the weights
     at about half the memory speed for 2-8 rows, and generate had to copy them out of their stack
-    first. "stacked" (1-4 rows) reads the stacked weights in place; "packed" (5-8 rows) copies them
-    once into column panels, which that kernel reads faster for many rows. None: XLA's products
-    on per-layer copies (more rows, other devices, sharded or non-float32 parameters; the kernels
-    are not partitioned). Chosen by timing generate on the CPU preset (benchmarks/RESULTS.md)."""
+    first. "stacked" (1-2 rows) reads the stacked weights in place; "packed" (3-8 rows) copies them
+    once into column panels, which that kernel reads faster and more steadily for more rows (at 4
+    rows the stacked form swung between level and 12% slower per generate call). None: XLA's
+    products on per-layer copies (more rows, other devices, sharded or non-float32 parameters;
+    the kernels are not partitioned). Chosen by timing generate on the CPU preset
+    (benchmarks/RESULTS.md)."""
     text = params["language_model"]["embed_tokens"]["embedding"]
     if not (1 <= batch <= decode_matmul.MAX_ROWS and text.dtype == jnp.float32 and _on_one_cpu(params)
             and decode_matmul.available()):
         return None
-    return "stacked" if batch <= 4 else "packed"
+    return "stacked" if batch <= 2 else "packed"
 
 
 def decode_program_text(params: dict, config: LlavaConfig, input_ids, attention_mask, pixel_values,

@@ -9,10 +9,10 @@ up to 8 rows (more in passes of 8), in one of two forms that stand in the parame
 kernel array was:
 
 - `StackedKernel`: layer i of a stacked kernel [L, *in, *out], read where it is: no copy at all.
-  generate uses it for 1-4 rows.
+  generate uses it for 1-2 rows.
 - `PackedKernel`: a kernel copied once into column panels [P, In, 16] (`pack`), which the kernel
   streams once for all rows: faster per product for many rows (at 4 rows ~15%; at 8, ~1.4x),
-  for a copy of every weight per generate call. generate uses it for 5-8 rows.
+  for a copy of every weight per generate call. generate uses it for 3-8 rows.
 
 layers._project and text_decoder.unembed multiply with either (`matmul`). Inference only: they
 have no gradient. benchmarks/RESULTS.md has the measurements.
