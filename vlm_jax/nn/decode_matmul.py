@@ -38,41 +38,33 @@ LIBRARY = CpuKernelLibrary(
 
 
 @dataclass(frozen=True)
-class StackedKernel:
+class _KernelForm:
+    """A weight kernel [*in_shape, *out_shape] (its first len(in_shape) axes contracted), held in
+    another layout."""
+
+    in_shape: tuple
+    out_shape: tuple
+
+    @property
+    def shape(self) -> tuple:
+        """The shape of the kernel it stands for."""
+        return (*self.in_shape, *self.out_shape)
+
+
+@dataclass(frozen=True)
+class StackedKernel(_KernelForm):
     """Layer `layer` of a stacked kernel `stack` [L, *in_shape, *out_shape]."""
 
     stack: jax.Array
     layer: int
-    in_shape: tuple
-    out_shape: tuple
-
-    @property
-    def shape(self) -> tuple:
-        """The shape of the one layer's kernel."""
-        return (*self.in_shape, *self.out_shape)
-
-    @property
-    def dtype(self):
-        return self.stack.dtype
 
 
 @dataclass(frozen=True)
-class PackedKernel:
-    """A weight kernel [*in_shape, *out_shape] packed as column panels [P, In, 16] (In, Out: the
-    products of in_shape, out_shape; P = ceil(Out / 16), the columns past Out are zeros)."""
+class PackedKernel(_KernelForm):
+    """The kernel packed as column panels [P, In, 16] (In, Out: the products of in_shape,
+    out_shape; P = ceil(Out / 16), the columns past Out are zeros)."""
 
     panels: jax.Array
-    in_shape: tuple
-    out_shape: tuple
-
-    @property
-    def shape(self) -> tuple:
-        """The shape of the kernel it packs."""
-        return (*self.in_shape, *self.out_shape)
-
-    @property
-    def dtype(self):
-        return self.panels.dtype
 
 
 jax.tree_util.register_dataclass(StackedKernel, data_fields=["stack"], meta_fields=["layer", "in_shape", "out_shape"])
@@ -97,7 +89,8 @@ def layer_of(stack: jax.Array, layer: int, n_in: int) -> StackedKernel:
     _float32(stack, "layer_of")
     if not 0 <= layer < stack.shape[0]:
         raise ValueError(f"layer {layer} is outside the stack of {stack.shape[0]} layers")
-    return StackedKernel(stack, int(layer), tuple(stack.shape[1:1 + n_in]), tuple(stack.shape[1 + n_in:]))
+    return StackedKernel(in_shape=tuple(stack.shape[1:1 + n_in]), out_shape=tuple(stack.shape[1 + n_in:]),
+                         stack=stack, layer=int(layer))
 
 
 def pack(kernel: jax.Array, n_in: int) -> PackedKernel:
@@ -108,7 +101,7 @@ def pack(kernel: jax.Array, n_in: int) -> PackedKernel:
     n_panels = -(-cols // PANEL)
     flat = jnp.pad(kernel.reshape(rows, cols), ((0, 0), (0, n_panels * PANEL - cols)))
     panels = flat.reshape(rows, n_panels, PANEL).transpose(1, 0, 2)
-    return PackedKernel(panels, in_shape, out_shape)
+    return PackedKernel(in_shape=in_shape, out_shape=out_shape, panels=panels)
 
 
 def matmul(rows: jax.Array, kernel: StackedKernel | PackedKernel) -> jax.Array:
