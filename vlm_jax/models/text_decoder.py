@@ -19,7 +19,7 @@ from vlm_jax.interp.edits import layer_slices
 from vlm_jax.interp.site_hooks import Sites, score_editor
 from vlm_jax.models.layers import gated_mlp, linear, merge_heads, project_heads, scan_layers, unrolled_layers
 from vlm_jax.models.params import ParamSpec, dense, norm, stack
-from vlm_jax.nn import decode_attention, decode_matmul
+from vlm_jax.nn import decode_matmul
 from vlm_jax.nn.attention import attention, causal_mask, mask_to_bias, merged_heads
 from vlm_jax.nn.norms import rms_norm
 from vlm_jax.nn.rope import apply_rope, rope_cos_sin
@@ -70,16 +70,6 @@ def _heads(x: jax.Array, axis: str) -> jax.Array:
     return constrain(x, ("batch", "length", axis, None))
 
 
-def _cpu_decode_step(attn_params: dict, cache, prefill: bool, stacked_cache: bool, t_len: int, edited: bool) -> bool:
-    """Whether a layer's attention runs in the decode-attention CPU kernel: one new token into
-    per-layer caches in the merged-heads layout, nothing captured or edited in the attention, and
-    the weights in decode_kernels' forms (which generate picks only on one CPU device, with the
-    kernels available)."""
-    return (cache is not None and not prefill and not stacked_cache and t_len == 1 and not edited
-            and merged_heads() and isinstance(attn_params["q_proj"]["kernel"], decode_matmul.KERNEL_FORMS)
-            and decode_attention.available())
-
-
 def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, cache_index, rebuild_edits,
            attn_edit_free: bool, prefill: bool = False, stacked_cache: bool = False):
     groups = cfg.num_heads // cfg.num_kv_heads
@@ -120,17 +110,11 @@ def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, ca
                 k, v = read(cache["k"]), read(cache["v"])
         bias = biases[per_layer["mask_kind"]] if biases.shape[0] > 1 else biases[0]
         want_pattern = "attn_pattern" in wanted
-        if _cpu_decode_step(attn_p, cache, prefill, stacked_cache, t_len, want_pattern or not attn_edit_free):
-            # generate's decode steps with the CPU kernels (decode_kernels): the cache is [B*K, S, E]
-            out = decode_attention.decode_attention(q, cache["k"], cache["v"], bias.reshape(batch, -1),
-                                                    cache_index + t_len, cfg.head_dim**-0.5)
-            pattern = None
-        else:
-            out, pattern = attention(
-                q, k, v, scale=cfg.head_dim**-0.5, bias=bias, return_pattern=want_pattern,
-                fused=fused and not want_pattern and attn_edit_free, score_edit=score_editor(attn_ops, groups),
-                causal_block=CAUSAL_BLOCK if blocked else None,
-            )
+        out, pattern = attention(
+            q, k, v, scale=cfg.head_dim**-0.5, bias=bias, return_pattern=want_pattern,
+            fused=fused and not want_pattern and attn_edit_free, score_edit=score_editor(attn_ops, groups),
+            causal_block=CAUSAL_BLOCK if blocked else None,
+        )
         sites.record("attn_pattern", pattern)
         with jax.named_scope("out_proj"):
             attn_out = sites("attn_out", merge_heads(sites("z", out), attn_p["o_proj"]))
@@ -252,9 +236,7 @@ def decode_kernels(params: dict, lm_head: dict | None, form: str) -> tuple[dict,
       "packed": every kernel and the unembedding copied into column panels (PackedKernel); tied
         embeddings get a packed copy of the embedding's transpose.
     The layers come back unstacked (a tuple of per-layer trees, run unrolled: layers.
-    unrolled_layers); their small parameters (norms, biases) are sliced out. With these forms a
-    decode step's attention over per-layer caches runs in the CPU kernel of
-    nn/decode_attention.py too. Inference only.
+    unrolled_layers); their small parameters (norms, biases) are sliced out. Inference only.
     Returns (params, lm_head)."""
     stacked = params["layers"]
     if isinstance(stacked, (list, tuple)):

@@ -28,27 +28,24 @@
 #include <cstring>
 
 #include "thread_blocks.h"
+#include "vector_math.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 8;
-typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
+using vlm_jax_native::kLanes;
+using vlm_jax_native::load;
+using vlm_jax_native::splat;
+using vlm_jax_native::store;
+using vlm_jax_native::vec;
 
 constexpr int64_t kPanel = 16;          // columns per panel: two vectors
 constexpr int64_t kPanelsPerBlock = 4;  // panels per unit of work shared among threads
 constexpr int kMaxRows = 8;             // rows per pass over the weights (panels: 16 vector accumulators)
 constexpr int64_t kPrefetchAhead = 512;  // floats (2 KB) ahead in the panel's stream
 
-inline vec splat(float x) { return vec{} + x; }
-inline vec load(const float* p) {
-  vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 
 // y[m, 0:16] = sum_k x[m, k] panel[k, 0:16] for the M rows at x (row stride k_len) into y (row
 // stride y_stride). One row has only two accumulator chains and streams fast enough without the

@@ -39,6 +39,7 @@
 #endif
 
 #include "thread_blocks.h"
+#include "vector_math.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -47,9 +48,11 @@ using vlm_jax_native::slots_for;
 
 namespace {
 
-constexpr int kLanes = 8;
-typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t ivec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+using vlm_jax_native::ivec;
+using vlm_jax_native::kLanes;
+using vlm_jax_native::splat;
+using vlm_jax_native::vec;
+using vlm_jax_native::vexp;
 
 constexpr int64_t kBlock = 96;  // examples per unit of work shared among threads
 // examples whose logits, softmax and gradient are computed together: their rows of X (96 KB at
@@ -58,29 +61,6 @@ constexpr int kTile = 24;
 constexpr int kGradientQuads = 3;  // feature quads per register tile of the gradient
 constexpr int kLogitExamples = 3;  // examples per register tile of the logits
 
-inline vec splat(float x) { return vec{} + x; }
-
-// exp on 8 lanes: 2^n * p(r), r = x - n ln 2 in [-ln2/2, ln2/2], degree-6 polynomial
-// (relative error ~1e-7); inputs below -87 give 0.
-inline vec vexp(vec x) {
-  const vec lo = splat(-87.0f);
-  vec xc = x < lo ? lo : x;
-  const vec shifter = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  vec n = (xc * 1.44269504088896341f + shifter) - shifter;
-  vec r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  vec p = splat(1.0f / 720);
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
-  vec scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  vec result = p * scale;
-  return x < lo ? splat(0.0f) : result;
-}
 
 typedef float vec4 __attribute__((vector_size(4 * sizeof(float))));
 
