@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.errors import SettingError
-from vlm_jax.nn.activations import activation
 from vlm_jax.nn import decode_matmul
+from vlm_jax.nn.activations import activation
 from vlm_jax.nn.attention import ATTENTION_RESIDUALS
 from vlm_jax.sharding import constrain
 

@@ -238,6 +238,8 @@ def decode_kernels(params: dict, lm_head: dict | None, form: str) -> tuple[dict,
     The layers come back unstacked (a tuple of per-layer trees, run unrolled: layers.
     unrolled_layers); their small parameters (norms, biases) are sliced out. Inference only.
     Returns (params, lm_head)."""
+    if form not in ("stacked", "packed"):
+        raise ValueError(f"form must be 'stacked' or 'packed'; got {form!r}")
     stacked = params["layers"]
     if isinstance(stacked, (list, tuple)):
         raise ValueError("decode_kernels takes the decoder with stacked layers (as loaded), not unstack_layers'")
@@ -253,8 +255,6 @@ def decode_kernels(params: dict, lm_head: dict | None, form: str) -> tuple[dict,
             tree[module] = {**tree[module], name: projection}
         return tree
 
-    if form not in ("stacked", "packed"):
-        raise ValueError(f"form must be 'stacked' or 'packed'; got {form!r}")
     if lm_head is not None:
         kernel = lm_head["kernel"]
         lm_head = {**lm_head, "kernel": kernel_of(kernel[None], 0, 1)}  # [None]: a stack of one (no copy)
@@ -267,7 +267,7 @@ def split_cache(stacked: dict, extra_slots: int) -> tuple:
     """A stacked cache {'k', 'v': [L, *rows, S, E]} (init_cache) as per-layer caches
     {'k', 'v': [*rows, S + extra_slots, E]} (init_cache(..., per_layer=True)), with extra_slots
     empty slots after the filled ones: a prefill runs on the stacked layers, the decode steps on
-    unstack_layers."""
+    per-layer parameters (unstack_layers or decode_kernels)."""
     def layer(buffer, i):
         slots = [(0, 0)] * (buffer.ndim - 1)
         slots[-2] = (0, extra_slots)

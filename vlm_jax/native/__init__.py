@@ -5,4 +5,5 @@
   speed, on stacked weights read in place or on weights packed in column panels
   (vlm_jax/nn/decode_matmul.py).
 - thread_blocks.h: work shared among the threads of XLA's intra-op pool.
+- vector_math.h: eight-lane float vectors, their loads and stores, a vector exp.
 """
