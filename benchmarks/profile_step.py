@@ -9,6 +9,9 @@ rope) and to its phase: forward, backward (autodiff's transpose) or recompute
   full     one AdamW step of every parameter (finetune.py's, with --remat)
   lora     one step of rank-8 LoRA on the text decoder's q_proj / v_proj
   forward  a forward pass of --batch examples (interp.py's)
+  decode   one decode step of --batch rows as generate's loop runs it (its weights' form for
+           that many rows, its CPU compiler options), at slot 650 of a 704-slot cache: the
+           generation.py prompt (601 tokens in a 640-token bucket) plus 64 new-token slots
 
 How time is counted. Ops that run at the same time (XLA CPU runs independent ops on its threads
 side by side) share the time they overlap. On CPU some products (XLA's Eigen dots) run
@@ -16,9 +19,11 @@ asynchronously: their trace event covers only their launch, and the time until t
 starts shows as a span where no op runs. Such a span is shared by the asynchronous products
 launched since the previous one (marked "async" in the top ops; "(runtime)" when none was). On an
 accelerator only the device's events are read (the host's launches would count twice); that path
-is untested so far (no accelerator was lent since this script was written).
+is untested so far (no accelerator was lent since this script was written). A few ops come out of
+XLA CPU's passes without their scope (a decode step's attention products): they count as "other".
 
     python benchmarks/profile_step.py [--workload full] [--remat dots] [--batch 2] [--steps 2] [--top 12]
+    python benchmarks/profile_step.py --workload decode --batch 4 --steps 20
 """
 
 from __future__ import annotations
@@ -136,6 +141,43 @@ def model_folder(workdir: str, tiny: bool) -> str:
     return folder
 
 
+def decode_step(model, batch: int, slots: int = 704, slot: int = 650):
+    """(the compiled decode step, a function that runs it once and waits): one new token per row
+    at `slot` of per-layer caches of `slots` slots holding random keys and values, on the
+    weights in the form generate picks for `batch` rows (generate.decode_params)."""
+    import jax
+    import jax.numpy as jnp
+
+    from vlm_jax import generate as gen
+    from vlm_jax.models import llava, text_decoder
+
+    config = model.config
+    kernels = gen.decode_kernel_form(model.params, batch)
+    params = jax.jit(gen.decode_params, static_argnums=1)(model.params, kernels)
+    keys = iter(jax.random.split(jax.random.key(0), 2 * config.text.num_layers))
+    cache = tuple({name: jax.random.normal(next(keys), buffer.shape, buffer.dtype) for name, buffer in layer.items()}
+                  for layer in text_decoder.init_cache(config.text, batch, slots, jnp.float32, per_layer=True))
+    key_valid = jnp.arange(slots)[None, :].repeat(batch, 0) <= slot
+    state = {"cache": cache, "token": jnp.zeros((batch,), jnp.int32)}
+    position = jnp.full((batch,), slot, jnp.int32)
+
+    def step(params, cache, token):  # the body of generate's decode loop, greedy
+        inputs = {"input_ids": token[:, None], "position_ids": position[:, None]}
+        out = llava.forward(params, config, inputs, cache=cache, cache_index=jnp.int32(slot), key_valid=key_valid)
+        return jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32), out.cache
+
+    options = gen._CPU_OPTIONS if gen.compiled_generate(model.params) is gen._generate_jit_cpu else None
+    program = jax.jit(step, donate_argnums=1, compiler_options=options).lower(
+        params, state["cache"], state["token"]).compile()
+
+    def run_once():
+        state["token"], state["cache"] = program(params, state["cache"], state["token"])
+        jax.block_until_ready(state["token"])
+
+    print(f"decode step: {batch} rows, weights {kernels or 'as per-layer copies (XLA products)'}")
+    return program, run_once
+
+
 def build_workload(name: str, remat: str, batch: int, folder: str):
     """(the compiled program, a function that runs it once and waits)."""
     import jax
@@ -144,6 +186,8 @@ def build_workload(name: str, remat: str, batch: int, folder: str):
     from vlm_jax.models import llava
 
     model = vj.load(folder, dtype="float32", progress=False)
+    if name == "decode":
+        return decode_step(model, batch)
     if name == "forward":
         inputs = {k: jax.numpy.asarray(v) for k, v in make_inputs(model.config, batch).items()}
         program = llava.forward_jit.lower(model.params, model.config, inputs).compile()
@@ -160,7 +204,7 @@ def build_workload(name: str, remat: str, batch: int, folder: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workload", choices=("full", "lora", "forward"), default="full")
+    parser.add_argument("--workload", choices=("full", "lora", "forward", "decode"), default="full")
     parser.add_argument("--remat", default="dots", help="TrainConfig.remat of the training workloads")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2, help="executions traced (after 3 untraced ones)")
@@ -193,7 +237,7 @@ def main() -> None:
     total = sum(per_step.values())
 
     print(f"machine: {machine()}")
-    remat = f", remat={args.remat}" if args.workload != "forward" else ""
+    remat = f", remat={args.remat}" if args.workload in ("full", "lora") else ""
     model = "a tiny model" if args.tiny else "the CPU preset"
     print(f"workload: {args.workload} on {model} (batch {args.batch}{remat}); untraced step {statistics.median(untraced):.3f} s, "
           f"traced {total / 1e3:.3f} s (mean of {runs})")

@@ -54,6 +54,21 @@ def choose_token(logits: jax.Array, sampling: Sampling, rng: jax.Array) -> jax.A
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def decode_params(params: dict, kernels: str | None) -> dict:
+    """The parameters the decode loop reads. Every decode step reads all decoder weights. With
+    `kernels` (decode_kernel_form) the CPU kernels of nn/decode_matmul.py read them at memory
+    speed: in place in their stack ("stacked"), or packed once into column panels ("packed").
+    Otherwise per-layer copies made once here spare the steps a copy of each layer's weights out
+    of the stack (see layers.unrolled_layers)."""
+    if kernels is None:
+        decoder = text_decoder.unstack_layers(params["language_model"])
+    else:
+        decoder, lm_head = text_decoder.decode_kernels(params["language_model"], params.get("lm_head"), kernels)
+        if lm_head is not None:
+            params = {**params, "lm_head": lm_head}
+    return {**params, "language_model": decoder}
+
+
 def _generate(params, config: LlavaConfig, input_ids, attention_mask, pixel_values, rng, max_new_tokens,
               *, new_slots: int, sampling: Sampling, eos_ids: tuple, pad_id: int, fused: bool,
               kernels: str | None = None):
@@ -70,18 +85,9 @@ def _generate(params, config: LlavaConfig, input_ids, attention_mask, pixel_valu
     prefill_cache = text_decoder.init_cache(config.text, batch, prompt_len, dtype)
     out = llava.forward(params, config, inputs, cache=prefill_cache, cache_index=0,
                         key_valid=attention_mask.astype(bool), logit_positions=last, fused_attention=fused)
-    # Every decode step reads all decoder weights. With `kernels` (decode_kernel_form) the CPU
-    # kernels of nn/decode_matmul.py read them at memory speed: in place in their stack, or
-    # packed once into column panels. Otherwise per-layer copies made once here spare the steps
-    # a copy of each layer's weights out of the stack (see layers.unrolled_layers). The cache
-    # goes per layer, with the new tokens' slots after the prompt's.
-    if kernels is None:
-        decoder = text_decoder.unstack_layers(params["language_model"])
-    else:
-        decoder, lm_head = text_decoder.decode_kernels(params["language_model"], params.get("lm_head"), kernels)
-        if lm_head is not None:
-            params = {**params, "lm_head": lm_head}
-    params = {**params, "language_model": decoder}
+    # The decode loop reads per-layer weights (decode_params) and per-layer caches, with the new
+    # tokens' slots after the prompt's.
+    params = decode_params(params, kernels)
     cache = text_decoder.split_cache(out.cache, new_slots)
     key_valid = jnp.concatenate([attention_mask.astype(bool), jnp.zeros((batch, new_slots), bool)], axis=1)
     rng, sub = jax.random.split(rng)
