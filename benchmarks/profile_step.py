@@ -149,7 +149,7 @@ def decode_step(model, batch: int, slots: int = 704, slot: int = 650):
     import jax.numpy as jnp
 
     from vlm_jax import generate as gen
-    from vlm_jax.models import llava, text_decoder
+    from vlm_jax.models import text_decoder
 
     config = model.config
     kernels = gen.decode_kernel_form(model.params, batch)
@@ -161,13 +161,11 @@ def decode_step(model, batch: int, slots: int = 704, slot: int = 650):
     state = {"cache": cache, "token": jnp.zeros((batch,), jnp.int32)}
     position = jnp.full((batch,), slot, jnp.int32)
 
-    def step(params, cache, token):  # the body of generate's decode loop, greedy
-        inputs = {"input_ids": token[:, None], "position_ids": position[:, None]}
-        out = llava.forward(params, config, inputs, cache=cache, cache_index=jnp.int32(slot), key_valid=key_valid)
-        return jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32), out.cache
+    def step(params, cache, token):  # greedy
+        logits, cache = gen.decode_forward(params, config, token, position, cache, jnp.int32(slot), key_valid)
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
 
-    options = gen._CPU_OPTIONS if gen.compiled_generate(model.params) is gen._generate_jit_cpu else None
-    program = jax.jit(step, donate_argnums=1, compiler_options=options).lower(
+    program = jax.jit(step, donate_argnums=1, compiler_options=gen.compiler_options(model.params)).lower(
         params, state["cache"], state["token"]).compile()
 
     def run_once():

@@ -66,6 +66,16 @@ def test_attribute_shares_overlaps_and_charges_idle_spans_to_async_products():
     assert sum(charged.values()) == 35 + 4
 
 
+def table_rows(stdout: str) -> dict:
+    """{(component, part): [forward, backward, recompute, update, total, share]} of the script's table."""
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 8 and cells[-1].endswith("%"):
+            rows[cells[0], cells[1]] = cells[2:]
+    return rows
+
+
 def test_profile_script_runs_and_accounts_for_the_step(tmp_path):
     """The script on a tiny model: the full step's table has the text decoder's attention and MLP
     in forward, backward and (remat='dots') nowhere else, the optimizer's update, and shares
@@ -74,11 +84,7 @@ def test_profile_script_runs_and_accounts_for_the_step(tmp_path):
            "--steps", "1", "--top", "5", "--workdir", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {}
-    for line in proc.stdout.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 8 and cells[-1].endswith("%"):
-            rows[cells[0], cells[1]] = cells[2:]
+    rows = table_rows(proc.stdout)
     # a cell is empty where no time was charged (a charged cell may print as 0.0 on a tiny model)
     for part in ("attention", "mlp", "qkv_proj"):
         forward, backward = rows["text_decoder", part][:2]
@@ -96,11 +102,7 @@ def test_profile_script_runs_a_decode_step(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "decode step: 2 rows, weights stacked" in proc.stdout
-    rows = {}
-    for line in proc.stdout.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 8 and cells[-1].endswith("%"):
-            rows[cells[0], cells[1]] = cells[2:]
+    rows = table_rows(proc.stdout)
     assert rows["text_decoder", "mlp"][0] and rows["unembed", "rest"][0]  # charged (see the test above)
     assert all(not r[1] and not r[3] for r in rows.values())  # no backward, no update
     assert abs(sum(float(r[-1].rstrip("%")) for r in rows.values()) - 100) < 0.5

@@ -69,6 +69,17 @@ def decode_params(params: dict, kernels: str | None) -> dict:
     return {**params, "language_model": decoder}
 
 
+def decode_forward(params: dict, config: LlavaConfig, token: jax.Array, position: jax.Array, cache: tuple,
+                   slot: jax.Array, key_valid: jax.Array, fused: bool = False):
+    """The forward pass of one decode step (the body of generate's loop): token [B] at rotary
+    position [B], written at cache slot `slot` of the per-layer caches; key_valid [B, S] marks
+    the valid slots, this one included. Returns (logits [B, V], the updated caches)."""
+    inputs = {"input_ids": token[:, None], "position_ids": position[:, None]}
+    out = llava.forward(params, config, inputs, cache=cache, cache_index=slot, key_valid=key_valid,
+                        fused_attention=fused)
+    return out.logits[:, -1], out.cache
+
+
 def _generate(params, config: LlavaConfig, input_ids, attention_mask, pixel_values, rng, max_new_tokens,
               *, new_slots: int, sampling: Sampling, eos_ids: tuple, pad_id: int, fused: bool,
               kernels: str | None = None):
@@ -112,12 +123,10 @@ def _generate(params, config: LlavaConfig, input_ids, attention_mask, pixel_valu
         slot = prompt_len + step
         key_valid = key_valid.at[:, slot].set(True)
         position = position + 1
-        step_inputs = {"input_ids": token[:, None], "position_ids": position[:, None]}
-        out = llava.forward(params, config, step_inputs, cache=cache, cache_index=slot, key_valid=key_valid,
-                            fused_attention=fused)
+        logits, cache = decode_forward(params, config, token, position, cache, slot, key_valid, fused)
         rng, sub = jax.random.split(rng)
-        next_token = choose_token(out.logits[:, -1], sampling, sub)
-        return step + 1, tokens, next_token, out.cache, key_valid, done, position, rng
+        next_token = choose_token(logits, sampling, sub)
+        return step + 1, tokens, next_token, cache, key_valid, done, position, rng
 
     tokens = jnp.full((batch, new_slots), pad_id, jnp.int32)
     state = (jnp.int32(0), tokens, token, cache, key_valid, jnp.zeros((batch,), bool),
@@ -137,15 +146,24 @@ _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_RED
 _generate_jit_cpu = jax.jit(_generate, static_argnames=_STATIC, compiler_options=_CPU_OPTIONS)
 
 
+def _devices(params: dict) -> set:
+    return jax.tree.leaves(params)[0].devices()
+
+
 def _on_one_cpu(params: dict) -> bool:
-    devices = jax.tree.leaves(params)[0].devices()
+    devices = _devices(params)
     return len(devices) == 1 and next(iter(devices)).platform == "cpu"
+
+
+def compiler_options(params: dict) -> dict | None:
+    """The XLA compiler options generate's program is compiled with for these parameters
+    (_CPU_OPTIONS on CPU, none elsewhere)."""
+    return _CPU_OPTIONS if next(iter(_devices(params))).platform == "cpu" else None
 
 
 def compiled_generate(params: dict):
     """The jitted decoding function `generate` runs for these parameters (CPU or not)."""
-    on_cpu = jax.tree.leaves(params)[0].devices().pop().platform == "cpu"
-    return _generate_jit_cpu if on_cpu else _generate_jit
+    return _generate_jit_cpu if compiler_options(params) is not None else _generate_jit
 
 
 def decode_kernel_form(params: dict, batch: int) -> str | None:

@@ -243,24 +243,25 @@ def decode_kernels(params: dict, lm_head: dict | None, form: str) -> tuple[dict,
     stacked = params["layers"]
     if isinstance(stacked, (list, tuple)):
         raise ValueError("decode_kernels takes the decoder with stacked layers (as loaded), not unstack_layers'")
-    n_layers = jax.tree.leaves(stacked)[0].shape[0]
 
     def kernel_of(stack: jax.Array, i: int, n_in: int):
         return decode_matmul.layer_of(stack, i, n_in) if form == "stacked" else decode_matmul.pack(stack[i], n_in)
 
-    def layer(i: int) -> dict:
-        tree = jax.tree.map(lambda a: a[i], stacked)  # the kernels' slices are replaced below (jit drops them)
+    def with_kernels(i: int, layer: dict) -> dict:
+        # the sliced kernels unstack_layers gave are replaced (unused, jit drops them)
+        layer = dict(layer)
         for (module, name), n_in in PROJECTIONS.items():
-            projection = {**tree[module][name], "kernel": kernel_of(stacked[module][name]["kernel"], i, n_in)}
-            tree[module] = {**tree[module], name: projection}
-        return tree
+            projection = {**layer[module][name], "kernel": kernel_of(stacked[module][name]["kernel"], i, n_in)}
+            layer[module] = {**layer[module], name: projection}
+        return layer
 
     if lm_head is not None:
         kernel = lm_head["kernel"]
         lm_head = {**lm_head, "kernel": kernel_of(kernel[None], 0, 1)}  # [None]: a stack of one (no copy)
     elif form == "packed":
         lm_head = {"kernel": decode_matmul.pack(params["embed_tokens"]["embedding"].T, 1)}
-    return {**params, "layers": tuple(layer(i) for i in range(n_layers))}, lm_head
+    layers = unstack_layers(params)["layers"]
+    return {**params, "layers": tuple(with_kernels(i, layer) for i, layer in enumerate(layers))}, lm_head
 
 
 def split_cache(stacked: dict, extra_slots: int) -> tuple:
