@@ -8,13 +8,20 @@ import numpy as np
 import pytest
 
 from vlm_jax.nn import attention as A
+from vlm_jax.nn import cpu_attention
 
 
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("causal_block", [16, None])  # 16: causal blocks; None: one block (plain attention)
 @pytest.mark.parametrize("merged", [True, False])  # False: B and K kept apart, as under a tensor-split mesh
-def test_custom_backward_matches_autodiff_of_the_explicit_softmax(batch, causal_block, merged, monkeypatch):
+@pytest.mark.parametrize("cpu_kernel", [True, False])  # the forward in nn/cpu_attention.py's kernel, or XLA's
+def test_custom_backward_matches_autodiff_of_the_explicit_softmax(batch, causal_block, merged, cpu_kernel,
+                                                                  monkeypatch):
     monkeypatch.setattr(A, "merged_heads", lambda: merged)
+    if not cpu_kernel:
+        monkeypatch.setattr(cpu_attention, "usable", lambda dtype, head_dim: False)
+    elif not cpu_attention.usable(jnp.float32, 8):
+        pytest.skip("the CPU attention kernel cannot be built here")
     t_len, n_heads, n_kv, head_dim = 37, 4, 2, 8  # 37 tokens in blocks of 16: a ragged last block
     keys = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(keys[0], (batch, t_len, n_heads, head_dim))
@@ -43,6 +50,7 @@ def test_custom_backward_matches_autodiff_of_the_explicit_softmax(batch, causal_
     # the fast path really took the custom backward, and the reference did not
     assert "custom_vjp_call" in str(jax.make_jaxpr(lambda q: loss(q, k, v, False)[0])(q))
     assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda q: loss(q, k, v, True)[0])(q))
+    assert ("vlm_jax_blocked_attention" in str(jax.make_jaxpr(lambda q: loss(q, k, v, False)[0])(q))) == cpu_kernel
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -11,7 +11,8 @@ constexpr int kLanes = 8;
 typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t ivec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
-inline vec splat(float x) { return vec{} + x; }
+// every lane x (one broadcast; `vec{} + x` costs an add first, since 0 + x is not x for x = -0)
+inline vec splat(float x) { return vec{x, x, x, x, x, x, x, x}; }
 inline vec load(const float* p) {
   vec v;
   std::memcpy(&v, p, sizeof v);

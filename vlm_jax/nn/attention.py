@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from vlm_jax.nn import cpu_attention
 from vlm_jax.sharding import splits
 
 
@@ -183,7 +184,10 @@ def _blocked_attention_forward(qg, kt, vt, bias, scale, block):
 
     qg [B, K, G, T, E], kt/vt [B, K, T, E], bias [B, 1, T, T] or None. Returns out
     [B, K, G, T, E] and the float32 log-sum-exp of every query's scores [B, K, G, T] (what the
-    backward needs to rebuild the probabilities)."""
+    backward needs to rebuild the probabilities). On CPU in float32 it runs as one fused kernel
+    (nn/cpu_attention.py)."""
+    if cpu_attention.usable(qg.dtype, qg.shape[-1]):
+        return cpu_attention.blocked_attention_forward(qg, kt, vt, bias, scale, block)
     batch, kv, groups, t_len, _ = qg.shape
     k_heads, v_heads = _heads(kt), _heads(vt)
     outs, lses = [], []
@@ -304,9 +308,9 @@ def attention(
         out, probs = _scores_softmax(qg, kt, vt, scale, bias, score_edit, return_pattern)
     else:  # query blocks against the keys up to each block's end, or one block of all keys
         block = causal_block if causal_block is not None and t_len > causal_block else t_len
-        if block == t_len or batch == 1:
+        if block == t_len or batch == 1 or cpu_attention.usable(q.dtype, head_dim):
             out = _blocked_attention(qg, kt, vt, bias, float(scale), block)
-        else:  # one sequence at a time keeps the blocks' scores in cache (2x faster on CPU at B=4)
+        else:  # XLA's blocks, one sequence at a time, keep their scores in cache (2x faster on CPU at B=4)
             full_bias = None if bias is None else jnp.broadcast_to(bias, (batch, *bias.shape[1:]))
             out = jax.lax.map(
                 lambda x: _blocked_attention(*(None if a is None else a[None] for a in x), float(scale), block)[0],
