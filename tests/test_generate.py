@@ -172,11 +172,27 @@ def test_one_compilation_per_length_bucket(hf_checkpoints):
     compiled = gen.compiled_generate(model.params)
     model.generate(batch, 8, eos_token_ids=())
     before = compiled._cache_size()
-    shorter = {k: (v[:, 1:] if k != "pixel_values" else v) for k, v in batch.items()}  # same bucket
-    model.generate(shorter, 5, eos_token_ids=())  # fewer new tokens: same bucket, traced count
+    width = batch["input_ids"].shape[1]
+
+    def left_padded(columns):  # the same prompts, `columns` padding columns wider
+        return {k: (np.pad(v, ((0, 0), (columns, 0))) if k != "pixel_values" else v) for k, v in batch.items()}
+
+    full = gen.prompt_width(width)
+    model.generate(left_padded(full - width), 5, eos_token_ids=())  # as wide as its bucket, fewer tokens: same program
     assert compiled._cache_size() == before
-    gen.generate(model.params, model.config, batch, 8, prompt_bucket=1)  # another prompt width: one more program
+    model.generate(left_padded(full - width + 1), 5, eos_token_ids=())  # one column more: the next bucket
     assert compiled._cache_size() == before + 1
+    gen.generate(model.params, model.config, batch, 8, prompt_bucket=full + 1)  # a width of its own: one more program
+    assert compiled._cache_size() == before + 2
+
+
+def test_prompt_width_pads_at_most_a_sixteenth():
+    widths = [gen.prompt_width(n) for n in range(1, 5000)]
+    assert all(w >= n for n, w in enumerate(widths, 1)) and widths == sorted(widths)
+    assert all(w - n < max(16, n / 16) for n, w in enumerate(widths, 1))
+    assert gen.prompt_width(601) == 608 and gen.prompt_width(640) == 640 and gen.prompt_width(641) == 672
+    assert len(set(widths[512:1024])) == 16  # lengths 513-1024: 16 programs per doubling of the length
+    assert gen.prompt_width(601, 64) == 640 and gen.prompt_width(601, 1) == 601
 
 
 @pytest.mark.parametrize("rows", [1, 2])
