@@ -16,19 +16,20 @@ from vlm_jax.nn import cpu_attention
 pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="the CPU attention kernel cannot be built here")
 
 
-def xla_blocked_forward(qg, kt, vt, bias, scale, block, monkeypatch):
-    """The XLA path of _blocked_attention_forward (the kernel switched off while tracing)."""
-    with monkeypatch.context() as m:
-        m.setattr(cpu_attention, "usable", lambda dtype, head_dim: False)
-        return jax.jit(A._blocked_attention_forward, static_argnums=(4, 5))(qg, kt, vt, bias, scale, block)
+def xla_blocked_forward(q, k, v, bias, scale, block):
+    """XLA's path (attention._blocked_attention_forward) for the kernel's layout: q [B, T, K, G, E],
+    k, v [B, T, K, E] -> out [B, T, K, G, E], lse [B, K, G, T]."""
+    out, lse = jax.jit(A._blocked_attention_forward, static_argnums=(4, 5))(
+        q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), bias, scale, block)
+    return out.transpose(0, 3, 1, 2, 4), lse
 
 
 def inputs(batch, kv, groups, t_len, head_dim, seed=0):
+    """q [B, T, K, G, E], k, v [B, T, K, E] (float32, standard normal)."""
     rng = np.random.default_rng(seed)
-    qg, kt, vt = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
-                  for shape in ((batch, kv, groups, t_len, head_dim), (batch, kv, t_len, head_dim),
-                                (batch, kv, t_len, head_dim)))
-    return qg, kt, vt
+    return tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32)
+                 for shape in ((batch, t_len, kv, groups, head_dim), (batch, t_len, kv, head_dim),
+                               (batch, t_len, kv, head_dim)))
 
 
 def causal_bias(batch, t_len, left_padding=0, right_padding=0):
@@ -49,45 +50,45 @@ def causal_bias(batch, t_len, left_padding=0, right_padding=0):
     (1, 1, 1, 1, 8, 1),       # a single token
 ])
 @pytest.mark.parametrize("mask", ["per-sequence", "shared", "none", "left-padded", "right-padded"])
-def test_kernel_equals_the_xla_blocked_path(batch, kv, groups, t_len, head_dim, block, mask, monkeypatch):
+def test_kernel_equals_the_xla_blocked_path(batch, kv, groups, t_len, head_dim, block, mask):
     """Outputs and log-sum-exps agree to float32 rounding, also for queries that see no key
     (left padding: the kernel then keeps every key of the block, as XLA's path averages them)."""
-    qg, kt, vt = inputs(batch, kv, groups, t_len, head_dim)
+    q, k, v = inputs(batch, kv, groups, t_len, head_dim)
     bias = {"per-sequence": causal_bias(batch, t_len), "shared": causal_bias(1, t_len), "none": None,
             "left-padded": causal_bias(batch, t_len, left_padding=min(5, t_len)),
             "right-padded": causal_bias(batch, t_len, right_padding=t_len // 3)}[mask]
     scale = head_dim ** -0.5
-    out, lse = jax.jit(cpu_attention.blocked_attention_forward, static_argnums=(4, 5))(qg, kt, vt, bias, scale, block)
-    want_out, want_lse = xla_blocked_forward(qg, kt, vt, bias, scale, block, monkeypatch)
-    assert out.shape == qg.shape and lse.shape == qg.shape[:4]
+    out, lse = jax.jit(cpu_attention.blocked_attention_forward, static_argnums=(4, 5))(q, k, v, bias, scale, block)
+    want_out, want_lse = xla_blocked_forward(q, k, v, bias, scale, block)
+    assert out.shape == q.shape and lse.shape == (batch, kv, groups, t_len)
     np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=2e-6)
     np.testing.assert_allclose(lse, want_lse, rtol=1e-6, atol=1e-5)
 
 
-def test_a_mask_that_is_not_the_float_minimum_is_not_skipped(monkeypatch):
+def test_a_mask_that_is_not_the_float_minimum_is_not_skipped():
     """Keys masked with -1e9 (not mask_to_bias's minimum) still count as exp(-1e9 - max) = 0 in
     both paths, and a row masked that way everywhere averages every key in both."""
-    qg, kt, vt = inputs(2, 2, 1, 40, 16, seed=3)
+    q, k, v = inputs(2, 2, 1, 40, 16, seed=3)
     bias = jnp.where(causal_bias(2, 40, left_padding=4) < 0, -1e9, 0.0)
-    got = cpu_attention.blocked_attention_forward(qg, kt, vt, bias, 0.25, 16)
-    want = xla_blocked_forward(qg, kt, vt, bias, 0.25, 16, monkeypatch)
+    got = cpu_attention.blocked_attention_forward(q, k, v, bias, 0.25, 16)
+    want = xla_blocked_forward(q, k, v, bias, 0.25, 16)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
-def test_vmapped_kernel_equals_one_call_per_item(monkeypatch):
+def test_vmapped_kernel_equals_one_call_per_item():
     """Under vmap (as the ablation sweeps run) the kernel takes the vmapped axis as more
     sequences; an unbatched mask is shared by every item."""
-    qg, kt, vt = inputs(6, 2, 2, 33, 8, seed=1)
-    qg, kt, vt = (x.reshape(3, 2, *x.shape[1:]) for x in (qg, kt, vt))
+    q, k, v = inputs(6, 2, 2, 33, 8, seed=1)
+    q, k, v = (x.reshape(3, 2, *x.shape[1:]) for x in (q, k, v))
     bias = causal_bias(2, 33, left_padding=3)
 
     def one(q, k, v):
         return cpu_attention.blocked_attention_forward(q, k, v, bias, 0.5, 8)
 
-    batched = jax.jit(jax.vmap(one))(qg, kt, vt)
+    batched = jax.jit(jax.vmap(one))(q, k, v)
     for i in range(3):
-        single = xla_blocked_forward(qg[i], kt[i], vt[i], bias, 0.5, 8, monkeypatch)
+        single = xla_blocked_forward(q[i], k[i], v[i], bias, 0.5, 8)
         for got, want in zip(batched, single):
             np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=2e-6)
 
@@ -102,11 +103,11 @@ def test_where_the_kernel_is_used():
 
 
 def test_bad_inputs_are_explained():
-    qg, kt, vt = inputs(1, 1, 1, 8, 8)
+    q, k, v = inputs(1, 1, 1, 8, 8)
     with pytest.raises(ValueError, match="float32 heads"):
-        cpu_attention.blocked_attention_forward(qg.astype(jnp.bfloat16), kt, vt, None, 1.0, 4)
-    with pytest.raises(ValueError, match=r"qg \[B, K, G, T, E\]"):
-        cpu_attention.blocked_attention_forward(qg, kt[:, :, :4], vt, None, 1.0, 4)
+        cpu_attention.blocked_attention_forward(q.astype(jnp.bfloat16), k, v, None, 1.0, 4)
+    with pytest.raises(ValueError, match=r"q \[B, T, K, G, E\]"):
+        cpu_attention.blocked_attention_forward(q, k[:, :4], v, None, 1.0, 4)
 
 
 def test_model_forward_and_gradient_run_the_kernel_and_agree_with_xla(monkeypatch, hf_checkpoints):

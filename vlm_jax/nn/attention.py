@@ -184,10 +184,8 @@ def _blocked_attention_forward(qg, kt, vt, bias, scale, block):
 
     qg [B, K, G, T, E], kt/vt [B, K, T, E], bias [B, 1, T, T] or None. Returns out
     [B, K, G, T, E] and the float32 log-sum-exp of every query's scores [B, K, G, T] (what the
-    backward needs to rebuild the probabilities). On CPU in float32 it runs as one fused kernel
-    (nn/cpu_attention.py)."""
-    if cpu_attention.usable(qg.dtype, qg.shape[-1]):
-        return cpu_attention.blocked_attention_forward(qg, kt, vt, bias, scale, block)
+    backward needs to rebuild the probabilities). On CPU in float32, _kernel_attention runs this
+    in one fused kernel instead (nn/cpu_attention.py)."""
     batch, kv, groups, t_len, _ = qg.shape
     k_heads, v_heads = _heads(kt), _heads(vt)
     outs, lses = [], []
@@ -228,7 +226,13 @@ def _blocked_attention_fwd(qg, kt, vt, bias, scale, block):
 
 
 def _blocked_attention_bwd(scale, block, residuals, d_out):
-    qg, kt, vt, bias, out, lse = residuals
+    return _blocked_attention_backward(*residuals, d_out, scale, block)
+
+
+def _blocked_attention_backward(qg, kt, vt, bias, out, lse, d_out, scale, block):
+    """Gradients (d_qg, d_kt, d_vt, d_bias) of _blocked_attention_forward's output from its
+    inputs, output and log-sum-exp, and the output's cotangent d_out [B, K, G, T, E]: each
+    block's probabilities rebuilt from the log-sum-exp, five products per block."""
     dtype = qg.dtype
     batch, kv, groups, t_len, _ = qg.shape
     acc = jnp.promote_types(dtype, jnp.float32)
@@ -255,6 +259,33 @@ def _blocked_attention_bwd(scale, block, residuals, d_out):
 
 
 _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _kernel_attention(q, k, v, bias, scale: float, block: int):
+    """_blocked_attention on the projections' layout, its forward in the CPU kernel
+    (nn/cpu_attention.py): q [B, T, K, G, E], k/v [B, T, K, E] -> out [B, T, K, G, E]. The
+    backward is _blocked_attention's, on transposed copies: the forward, which inference runs
+    alone, needs none."""
+    return cpu_attention.blocked_attention_forward(q, k, v, bias, scale, block)[0]
+
+
+def _kernel_attention_fwd(q, k, v, bias, scale, block):
+    out, lse = cpu_attention.blocked_attention_forward(q, k, v, bias, scale, block)
+    out, lse = (checkpoint_name(x, name) for x, name in zip((out, lse), ATTENTION_RESIDUALS))
+    return out, (q, k, v, bias, out, lse)
+
+
+def _kernel_attention_bwd(scale, block, residuals, d_out):
+    q, k, v, bias, out, lse = residuals
+    to_rows, to_heads = (0, 2, 3, 1, 4), (0, 2, 1, 3)  # [B, T, K, G, E] -> [B, K, G, T, E]; [B, T, K, E] -> [B, K, T, E]
+    d_q, d_k, d_v, d_bias = _blocked_attention_backward(
+        q.transpose(to_rows), k.transpose(to_heads), v.transpose(to_heads), bias, out.transpose(to_rows), lse,
+        d_out.transpose(to_rows), scale, block)
+    return d_q.transpose(0, 3, 1, 2, 4), d_k.transpose(to_heads), d_v.transpose(to_heads), d_bias
+
+
+_kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
 
 
 @jax.named_scope("attention")  # names its ops in profiles (benchmarks/profile_step.py)
@@ -302,15 +333,20 @@ def attention(
         return out.astype(q.dtype), None
 
     groups = n_heads // n_kv
+    blocked = score_edit is None and not return_pattern and t_len == s_len
+    # query blocks against the keys up to each block's end, or one block of all keys
+    block = causal_block if causal_block is not None and t_len > causal_block else t_len
+    if blocked and cpu_attention.usable(q.dtype, head_dim):  # the fused CPU kernel, on q/k/v as they are
+        out = _kernel_attention(q.reshape(batch, t_len, n_kv, groups, head_dim), k, v, bias, float(scale), block)
+        return out.reshape(q.shape), None
     qg = q.reshape(batch, t_len, n_kv, groups, head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, E]
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, E]
-    if score_edit is not None or return_pattern or t_len != s_len:  # the explicit softmax
+    if not blocked:  # the explicit softmax
         out, probs = _scores_softmax(qg, kt, vt, scale, bias, score_edit, return_pattern)
-    else:  # query blocks against the keys up to each block's end, or one block of all keys
-        block = causal_block if causal_block is not None and t_len > causal_block else t_len
-        if block == t_len or batch == 1 or cpu_attention.usable(q.dtype, head_dim):
+    else:
+        if block == t_len or batch == 1:
             out = _blocked_attention(qg, kt, vt, bias, float(scale), block)
-        else:  # XLA's blocks, one sequence at a time, keep their scores in cache (2x faster on CPU at B=4)
+        else:  # one sequence at a time keeps the blocks' scores in cache (2x faster on CPU at B=4)
             full_bias = None if bias is None else jnp.broadcast_to(bias, (batch, *bias.shape[1:]))
             out = jax.lax.map(
                 lambda x: _blocked_attention(*(None if a is None else a[None] for a in x), float(scale), block)[0],
