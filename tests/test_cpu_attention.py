@@ -65,6 +65,29 @@ def test_kernel_equals_the_xla_blocked_path(batch, kv, groups, t_len, head_dim, 
     np.testing.assert_allclose(lse, want_lse, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch,kv,groups,t_len,head_dim,block", [
+    (1, 2, 1, 37, 16, 8), (2, 2, 3, 50, 24, 16), (1, 3, 1, 300, 64, 128), (2, 2, 1, 45, 16, 45)])
+@pytest.mark.parametrize("mask", ["per-sequence", "shared", "none", "left-padded"])
+def test_backward_kernel_equals_the_xla_backward(batch, kv, groups, t_len, head_dim, block, mask):
+    """d_q, d_k and d_v from the kernel equal the XLA path's custom backward
+    (attention._blocked_attention_bwd), for every row, padding rows included."""
+    q, k, v = inputs(batch, kv, groups, t_len, head_dim, seed=5)
+    d_out = inputs(batch, kv, groups, t_len, head_dim, seed=6)[0]
+    bias = {"per-sequence": causal_bias(batch, t_len), "shared": causal_bias(1, t_len), "none": None,
+            "left-padded": causal_bias(batch, t_len, left_padding=5)}[mask]
+    scale = head_dim ** -0.5
+    out, lse = cpu_attention.blocked_attention_forward(q, k, v, bias, scale, block)
+    got = jax.jit(cpu_attention.blocked_attention_backward, static_argnums=(7, 8))(
+        q, k, v, bias, out, lse, d_out, scale, block)
+    rows, heads = (0, 2, 3, 1, 4), (0, 2, 1, 3)
+    want_q, want_k, want_v, _ = jax.jit(A._blocked_attention_bwd, static_argnums=(0, 1))(
+        scale, block, (q.transpose(rows), k.transpose(heads), v.transpose(heads), bias, out.transpose(rows), lse),
+        d_out.transpose(rows))
+    for name, g, w in zip("qkv", got, (want_q.transpose(0, 3, 1, 2, 4), want_k.transpose(heads),
+                                       want_v.transpose(heads))):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(np.abs(w).max()), err_msg=f"d{name}")
+
+
 def test_a_mask_that_is_not_the_float_minimum_is_not_skipped():
     """Keys masked with -1e9 (not mask_to_bias's minimum) still count as exp(-1e9 - max) = 0 in
     both paths, and a row masked that way everywhere averages every key in both."""

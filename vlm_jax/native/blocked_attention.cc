@@ -1,28 +1,34 @@
-// XLA FFI custom call: the forward of the blocked attention (vlm_jax/nn/attention.py,
-// _blocked_attention_forward) on CPU, fused: scores, mask, softmax, log-sum-exp and weighted sum of
-// a few query rows at a time, in L1 (built and loaded by vlm_jax/nn/cpu_attention.py, with
-// vlm_jax/native/build.py).
+// XLA FFI custom calls: the blocked attention (vlm_jax/nn/attention.py, _blocked_attention) on CPU,
+// forward and backward, each fused over a few query rows at a time (built and loaded by
+// vlm_jax/nn/cpu_attention.py, with vlm_jax/native/build.py).
 //
 // XLA CPU runs the blocked attention as separate products and fusions: a [G*128, E] x [E, s] score
 // product per query block, its softmax, and a second product, with the scores written out and read
 // back between them; its per-block products reach about 27 GFLOP/s per thread. Here a tile of
 // kTileRows query rows computes its scores against every key it sees with a kTileRows x 16 register
 // tile, then the softmax on those rows (still in L1), then the weighted sum with a kTileRows x 16
-// tile; nothing but the output and the log-sum-exp is written to memory.
+// tile; nothing but the output and the log-sum-exp is written to memory. The backward does the
+// same per tile for its five products, accumulating each head's key and value gradients in L2.
 //
-// VlmJaxBlockedAttention, on the projections' own layout (no transposes around the call):
-// Inputs:  q [..., T, K, G, E], k [..., T, K, E], v [..., T, K, E] (float32; the leading axes, N
-//          sequences in all, the same for the three; G query heads share kv head K), bias
-//          [..., 1, T, T] (float32; Nb leading entries with N a multiple of Nb, sequence n reading
-//          entry n / (N / Nb); or no elements: no mask). E a multiple of 8.
+// Both take the projections' own layout (no transposes around the calls): q [..., T, K, G, E],
+// k and v [..., T, K, E] (float32; the leading axes, N sequences in all, the same for all; G query
+// heads share kv head K), bias [..., 1, T, T] (float32; Nb leading entries with N a multiple of
+// Nb, sequence n reading entry n / (N / Nb); or no elements: no mask). E a multiple of 8.
 // Attributes: scale (float), block (int64).
-// Outputs: out [..., T, K, G, E], lse [..., K, G, T] (float32).
 // Query t sees the keys s < min(T, (t / block + 1) * block), each with the score
 // scale * q_t . k_s + bias[t, s]: the causal blocks of the XLA path when block < T (the bias does
-// the masking inside a block), every key when block >= T. out_t = softmax(scores) . v and
-// lse_t = log sum_s exp(score_s), as the XLA path computes them (to float32 rounding).
+// the masking inside a block), every key when block >= T.
+//
+// VlmJaxBlockedAttention: outputs out [..., T, K, G, E] = softmax(scores) . v and
+// lse [..., K, G, T] = log sum_s exp(score_s), as the XLA path computes them (to float32 rounding).
 // Work is shared among XLA's intra-op threads in units of (sequence, kv head, chunk of at most
 // kChunkRows query rows within one block), the units with the most keys first.
+//
+// VlmJaxBlockedAttentionBackward: inputs q, k, v, bias, then out, lse and d_out (out's cotangent,
+// [..., T, K, G, E]); outputs d_q [..., T, K, G, E], d_k and d_v [..., T, K, E]: the gradients of
+// _blocked_attention_backward, with P = exp(score - lse), dV = P^T dO, dS = P (dO V^T - D) scale
+// (D_t = dO_t . O_t), dQ = dS K, dK = dS^T Q. One unit of work per (sequence, kv head), which owns
+// that head's dK and dV.
 
 #include <algorithm>
 #include <cmath>
@@ -171,71 +177,96 @@ struct Chunk {
   int64_t start, end, keys;  // query rows [start, end), which see keys [0, keys)
 };
 
-ffi::Error BlockedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                                ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias, float scale, int64_t block,
-                                ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
-  const auto qd = q.dimensions();
-  const auto kd = k.dimensions();
-  const size_t rank = qd.size();
-  if (rank < 5 || kd.size() != rank - 1 || v.dimensions().size() != rank - 1)
-    return ffi::Error::InvalidArgument("blocked_attention: expected q [..., T, K, G, E] and k, v [..., T, K, E]");
-  const int64_t t_len = qd[rank - 4], kv = qd[rank - 3], groups = qd[rank - 2], e_len = qd[rank - 1];
-  const int64_t n_seq = product(qd, 0, rank - 4);
-  for (size_t i = 0; i < rank - 1; ++i) {
-    const int64_t expected = i < rank - 2 ? qd[i] : qd[i + 1];  // k drops q's G axis
-    if (kd[i] != expected || v.dimensions()[i] != expected)
-      return ffi::Error::InvalidArgument("blocked_attention: k and v must be [..., T, K, E] for q [..., T, K, G, E]");
-  }
-  if (e_len % kLanes != 0) return ffi::Error::InvalidArgument("blocked_attention: the head size must be a multiple of 8");
-  if (block < 1) return ffi::Error::InvalidArgument("blocked_attention: block must be positive");
-  const bool has_bias = bias.element_count() > 0;
-  int64_t n_bias = 0;
-  if (has_bias) {
-    const auto bd = bias.dimensions();
-    if (bd.size() < 4 || bd[bd.size() - 3] != 1 || bd[bd.size() - 2] != t_len || bd[bd.size() - 1] != t_len)
-      return ffi::Error::InvalidArgument("blocked_attention: expected bias [..., 1, T, T]");
-    n_bias = product(bd, 0, bd.size() - 3);
-    if (n_bias < 1 || n_seq % n_bias != 0)
-      return ffi::Error::InvalidArgument("blocked_attention: the bias's leading entries must divide the sequences");
-  }
-
-  std::vector<Chunk> chunks;  // the query rows of one (sequence, kv head), most keys first
+// The query rows of one (sequence, kv head) in chunks of at most kChunkRows within a block, most keys first.
+std::vector<Chunk> make_chunks(int64_t t_len, int64_t block) {
+  std::vector<Chunk> chunks;
   for (int64_t start = 0; start < t_len; start += block) {
     const int64_t end = std::min(t_len, start + block);
     for (int64_t c = start; c < end; c += kChunkRows) chunks.push_back({c, std::min(end, c + kChunkRows), end});
   }
   std::reverse(chunks.begin(), chunks.end());
-  const int64_t heads = n_seq * kv, units = heads * static_cast<int64_t>(chunks.size());
-  const int64_t kpad = (t_len + kKeyTile - 1) / kKeyTile * kKeyTile;
+  return chunks;
+}
 
+// The shapes of a call and where each head's rows lie. head = sequence * kv + kv head.
+struct Layout {
+  int64_t n_seq = 0, t_len = 0, kv = 0, groups = 0, e_len = 0, n_bias = 0;
+  bool has_bias = false;
+  int64_t heads() const { return n_seq * kv; }
+  int64_t q_stride() const { return kv * groups * e_len; }  // a token's stride in q, out, d_out, d_q
+  int64_t k_stride() const { return kv * e_len; }           // in k, v, d_k, d_v
+  int64_t kpad() const { return (t_len + kKeyTile - 1) / kKeyTile * kKeyTile; }
+  // offsets of a head's token 0 (query group 0) in q and k
+  int64_t q_head(int64_t head) const { return ((head / kv) * t_len * kv + head % kv) * groups * e_len; }
+  int64_t k_head(int64_t head) const { return ((head / kv) * t_len * kv + head % kv) * e_len; }
+  // a head's mask [T, T], or nullptr
+  const float* bias_rows(const float* bias, int64_t head) const {
+    return has_bias ? bias + (head / kv) / (n_seq / n_bias) * t_len * t_len : nullptr;
+  }
+};
+
+ffi::Error read_layout(ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd, ffi::Span<const int64_t> vd,
+                       ffi::Span<const int64_t> bd, bool has_bias, int64_t block, Layout* layout) {
+  const size_t rank = qd.size();
+  if (rank < 5 || kd.size() != rank - 1 || vd.size() != rank - 1)
+    return ffi::Error::InvalidArgument("blocked_attention: expected q [..., T, K, G, E] and k, v [..., T, K, E]");
+  Layout& l = *layout;
+  l.t_len = qd[rank - 4], l.kv = qd[rank - 3], l.groups = qd[rank - 2], l.e_len = qd[rank - 1];
+  l.n_seq = product(qd, 0, rank - 4);
+  for (size_t i = 0; i < rank - 1; ++i) {
+    const int64_t expected = i < rank - 2 ? qd[i] : qd[i + 1];  // k drops q's G axis
+    if (kd[i] != expected || vd[i] != expected)
+      return ffi::Error::InvalidArgument("blocked_attention: k and v must be [..., T, K, E] for q [..., T, K, G, E]");
+  }
+  if (l.e_len % kLanes != 0) return ffi::Error::InvalidArgument("blocked_attention: the head size must be a multiple of 8");
+  if (block < 1) return ffi::Error::InvalidArgument("blocked_attention: block must be positive");
+  l.has_bias = has_bias;
+  if (has_bias) {
+    if (bd.size() < 4 || bd[bd.size() - 3] != 1 || bd[bd.size() - 2] != l.t_len || bd[bd.size() - 1] != l.t_len)
+      return ffi::Error::InvalidArgument("blocked_attention: expected bias [..., 1, T, T]");
+    l.n_bias = product(bd, 0, bd.size() - 3);
+    if (l.n_bias < 1 || l.n_seq % l.n_bias != 0)
+      return ffi::Error::InvalidArgument("blocked_attention: the bias's leading entries must divide the sequences");
+  }
+  return ffi::Error::Success();
+}
+
+// A head's keys (or values) transposed into kt [E, kpad] (the tokens past T zeros), from rows at
+// `stride`; and, when `gathered` is not null, also copied as rows [T, E] into it. Read in place,
+// a head's rows lie a token's stride apart (2 KB for 8 heads of 64), which maps them onto a few
+// L1 sets: the products over them ran ~10% slower than on a copy.
+void pack_head(const float* rows, int64_t stride, const Layout& l, float* kt, float* gathered) {
+  const int64_t kpad = l.kpad();
+  for (int64_t s = 0; s < l.t_len; ++s) {
+    for (int64_t e = 0; e < l.e_len; ++e) kt[e * kpad + s] = rows[s * stride + e];
+    if (gathered != nullptr) std::memcpy(gathered + s * l.e_len, rows + s * stride, l.e_len * sizeof(float));
+  }
+  for (int64_t e = 0; e < l.e_len; ++e) std::fill(kt + e * kpad + l.t_len, kt + (e + 1) * kpad, 0.0f);
+}
+
+ffi::Error BlockedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                                ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias, float scale, int64_t block,
+                                ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+  Layout l;
+  const ffi::Error error = read_layout(q.dimensions(), k.dimensions(), v.dimensions(), bias.dimensions(),
+                                       bias.element_count() > 0, block, &l);
+  if (error.failure()) return error;
+  const std::vector<Chunk> chunks = make_chunks(l.t_len, block);
+  const int64_t heads = l.heads(), units = heads * static_cast<int64_t>(chunks.size());
+  const int64_t kpad = l.kpad(), e_len = l.e_len, t_len = l.t_len, q_stride = l.q_stride();
   const float* q_data = q.typed_data();
-  const float* k_data = k.typed_data();
-  const float* v_data = v.typed_data();
-  const float* bias_data = has_bias ? bias.typed_data() : nullptr;
+  const float* bias_data = l.has_bias ? bias.typed_data() : nullptr;
   float* out_data = out->typed_data();
   float* lse_data = lse->typed_data();
 
-  // Strides of a token (one row of a head) in q and out, and in k and v.
-  const int64_t q_stride = kv * groups * e_len, k_stride = kv * e_len;
-  // head = sequence * kv + kv head: where its first token's row starts in q (group 0) and k
-  const auto q_head = [&](int64_t head) { return ((head / kv) * t_len * kv + head % kv) * groups * e_len; };
-  const auto k_head = [&](int64_t head) { return ((head / kv) * t_len * kv + head % kv) * e_len; };
-
-  // Every head's keys transposed, [heads, E, kpad] (the keys past T zeros), and its values
-  // gathered, [heads, T, E], once for all its chunks. Read in place, a head's values lie a
-  // token's stride apart (2 KB for 8 heads of 64), which maps them onto a few L1 sets: the
-  // weighted sums ran ~10% slower than on a copy.
+  // Every head's keys transposed [E, kpad] and its values gathered [T, E], once for all its chunks.
   std::unique_ptr<float[]> keys_t(new float[heads * e_len * kpad]), values_c(new float[heads * t_len * e_len]);
   vlm_jax_native::run_blocks(pool, heads, [&](int64_t, int64_t head) {
-    const float* keys = k_data + k_head(head);
-    const float* values = v_data + k_head(head);
-    float* kt = keys_t.get() + head * e_len * kpad;
-    float* vc = values_c.get() + head * t_len * e_len;
-    for (int64_t s = 0; s < t_len; ++s) {
-      for (int64_t e = 0; e < e_len; ++e) kt[e * kpad + s] = keys[s * k_stride + e];
-      std::memcpy(vc + s * e_len, values + s * k_stride, e_len * sizeof(float));
-    }
-    for (int64_t e = 0; e < e_len; ++e) std::fill(kt + e * kpad + t_len, kt + (e + 1) * kpad, 0.0f);
+    pack_head(k.typed_data() + l.k_head(head), l.k_stride(), l, keys_t.get() + head * e_len * kpad, nullptr);
+    const float* values = v.typed_data() + l.k_head(head);
+    float* gathered = values_c.get() + head * t_len * e_len;
+    for (int64_t s = 0; s < t_len; ++s)
+      std::memcpy(gathered + s * e_len, values + s * l.k_stride(), e_len * sizeof(float));
   });
 
   // per worker: one tile's scores [kTileRows, kpad]
@@ -246,14 +277,14 @@ ffi::Error BlockedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
     const int64_t head = unit % heads;
     const float* kt = keys_t.get() + head * e_len * kpad;
     const float* values = values_c.get() + head * t_len * e_len;
-    const float* bias_rows = has_bias ? bias_data + (head / kv) / (n_seq / n_bias) * t_len * t_len : nullptr;
+    const float* bias_rows = l.bias_rows(bias_data, head);
     float* scores = scratch[slot].data();
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t first_row = q_head(head) + g * e_len;  // token 0 of query head (kv head, g)
-      float* lse_rows = lse_data + (head * groups + g) * t_len;
+    for (int64_t g = 0; g < l.groups; ++g) {
+      const int64_t first_row = l.q_head(head) + g * e_len;  // token 0 of query head (kv head, g)
+      float* lse_rows = lse_data + (head * l.groups + g) * t_len;
       for (int64_t t = chunk.start; t < chunk.end; t += kTileRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kTileRows, chunk.end - t));
-        const float* tile_bias = has_bias ? bias_rows + t * t_len : nullptr;
+        const float* tile_bias = bias_rows ? bias_rows + t * t_len : nullptr;
         // Keys that the bias masks for every row of the tile (the causal block's keys after the
         // tile) add exactly nothing once a row has a visible key, so they are skipped; a row
         // that sees no key at all (left padding) averages every key, so its tile keeps them.
@@ -280,6 +311,131 @@ ffi::Error BlockedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   return ffi::Error::Success();
 }
 
+// acc[s, :] += sum_m coef[m, s] rows[m, :] for s < keys and the M rows at `rows` (row stride
+// row_stride; coef row stride width; acc rows of e_len values, a multiple of kLanes).
+template <int M>
+void rank_update(const float* coef, int64_t width, int64_t keys, const float* rows, int64_t row_stride,
+                 int64_t e_len, float* acc) {
+  int64_t e0 = 0;
+  for (; e0 + 2 * kLanes <= e_len; e0 += 2 * kLanes) {
+    vec r[M][2];
+    for (int m = 0; m < M; ++m) r[m][0] = load(rows + m * row_stride + e0), r[m][1] = load(rows + m * row_stride + e0 + kLanes);
+    for (int64_t s = 0; s < keys; ++s) {
+      float* a = acc + s * e_len + e0;
+      vec a0 = load(a), a1 = load(a + kLanes);
+      for (int m = 0; m < M; ++m) {
+        const vec c = splat(coef[m * width + s]);
+        a0 += c * r[m][0];
+        a1 += c * r[m][1];
+      }
+      store(a, a0);
+      store(a + kLanes, a1);
+    }
+  }
+  if (e0 < e_len) {  // a last single vector (E = 8 mod 16)
+    vec r[M];
+    for (int m = 0; m < M; ++m) r[m] = load(rows + m * row_stride + e0);
+    for (int64_t s = 0; s < keys; ++s) {
+      vec a0 = load(acc + s * e_len + e0);
+      for (int m = 0; m < M; ++m) a0 += splat(coef[m * width + s]) * r[m];
+      store(acc + s * e_len + e0, a0);
+    }
+  }
+}
+
+using UpdateFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*);
+constexpr UpdateFn kUpdateFns[kTileRows] = {rank_update<1>, rank_update<2>, rank_update<3>,
+                                            rank_update<4>, rank_update<5>, rank_update<6>};
+
+ffi::Error BlockedAttentionBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias,
+                                        ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
+                                        ffi::Buffer<ffi::F32> d_out, float scale, int64_t block,
+                                        ffi::ResultBuffer<ffi::F32> d_q, ffi::ResultBuffer<ffi::F32> d_k,
+                                        ffi::ResultBuffer<ffi::F32> d_v) {
+  Layout l;
+  const ffi::Error error = read_layout(q.dimensions(), k.dimensions(), v.dimensions(), bias.dimensions(),
+                                       bias.element_count() > 0, block, &l);
+  if (error.failure()) return error;
+  if (out.element_count() != q.element_count() || d_out.element_count() != q.element_count() ||
+      lse.element_count() != l.heads() * l.groups * l.t_len)
+    return ffi::Error::InvalidArgument("blocked_attention_backward: out and d_out must be shaped as q, lse [..., K, G, T]");
+  const std::vector<Chunk> chunks = make_chunks(l.t_len, block);
+  const int64_t kpad = l.kpad(), e_len = l.e_len, t_len = l.t_len, q_stride = l.q_stride();
+  const int64_t head_size = t_len * e_len;
+  const float* bias_data = l.has_bias ? bias.typed_data() : nullptr;
+  // per worker: keys and values transposed [E, kpad] each, keys gathered [T, E], the head's key
+  // and value gradients [T, E] each, a tile's probabilities and score gradients [kTileRows, kpad] each
+  const int64_t slots = vlm_jax_native::slots_for(pool, l.heads());
+  std::vector<std::vector<float>> scratch(slots, std::vector<float>(2 * e_len * kpad + 3 * head_size + 2 * kTileRows * kpad));
+  vlm_jax_native::run_blocks(pool, l.heads(), [&](int64_t slot, int64_t head) {
+    float* kt = scratch[slot].data();
+    float* vt = kt + e_len * kpad;
+    float* kc = vt + e_len * kpad;
+    float* dk = kc + head_size;
+    float* dv = dk + head_size;
+    float* probs = dv + head_size;
+    float* d_scores = probs + kTileRows * kpad;
+    pack_head(k.typed_data() + l.k_head(head), l.k_stride(), l, kt, kc);
+    pack_head(v.typed_data() + l.k_head(head), l.k_stride(), l, vt, nullptr);
+    std::fill(dk, dk + 2 * head_size, 0.0f);
+    const float* bias_rows = l.bias_rows(bias_data, head);
+    for (int64_t g = 0; g < l.groups; ++g) {
+      const int64_t first_row = l.q_head(head) + g * e_len;
+      const float* lse_rows = lse.typed_data() + (head * l.groups + g) * t_len;
+      for (const Chunk& chunk : chunks)
+        for (int64_t t = chunk.start; t < chunk.end; t += kTileRows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kTileRows, chunk.end - t));
+          const float* tile_bias = bias_rows ? bias_rows + t * t_len : nullptr;
+          const float* q_tile = q.typed_data() + first_row + t * q_stride;
+          const float* o_tile = out.typed_data() + first_row + t * q_stride;
+          const float* do_tile = d_out.typed_data() + first_row + t * q_stride;
+          // the keys the forward summed over: masked ones have probability 0 unless a row sees no key
+          bool sees_no_key = false;
+          for (int m = 0; m < rows; ++m) sees_no_key |= lse_rows[t + m] <= kMaskedScore;
+          const int64_t visible = sees_no_key ? chunk.keys : masked_tail(tile_bias, rows, t_len, chunk.keys);
+          const int64_t keys = visible > 0 ? visible : chunk.keys;  // as the forward
+          const int64_t width = (keys + kKeyTile - 1) / kKeyTile * kKeyTile;
+          kScoreFns[rows - 1](q_tile, q_stride, e_len, kt, kpad, width, scale, probs);
+          kScoreFns[rows - 1](do_tile, q_stride, e_len, vt, kpad, width, 1.0f, d_scores);  // dO V^T
+          for (int m = 0; m < rows; ++m) {
+            float row_term = 0;  // D_t = dO_t . O_t
+            for (int64_t e = 0; e < e_len; ++e) row_term += do_tile[m * q_stride + e] * o_tile[m * q_stride + e];
+            const vec shift = splat(lse_rows[t + m]), d = splat(row_term), scale_v = splat(scale);
+            float* p = probs + m * width;
+            float* ds = d_scores + m * width;
+            const float* b = tile_bias ? tile_bias + m * t_len : nullptr;
+            for (int64_t s = 0; s < width; s += kLanes) {
+              vec x = load(p + s);
+              if (s + kLanes <= keys) {
+                if (b != nullptr) x += load(b + s);
+                x = vexp(x - shift);
+              } else {  // the last vector: keys past `keys` have probability 0
+                for (int i = 0; i < kLanes; ++i)
+                  x[i] = s + i < keys ? x[i] + (b != nullptr ? b[s + i] : 0.0f) : -std::numeric_limits<float>::infinity();
+                x = vexp(x - shift);
+              }
+              store(p + s, x);
+              store(ds + s, x * (load(ds + s) - d) * scale_v);
+            }
+          }
+          const float ones[kTileRows] = {1, 1, 1, 1, 1, 1};
+          kSumFns[rows - 1](d_scores, width, keys, kc, e_len, e_len, ones, d_q->typed_data() + first_row + t * q_stride,
+                            q_stride);  // dQ = dS K
+          kUpdateFns[rows - 1](probs, width, keys, do_tile, q_stride, e_len, dv);    // dV += P^T dO
+          kUpdateFns[rows - 1](d_scores, width, keys, q_tile, q_stride, e_len, dk);  // dK += dS^T Q
+        }
+    }
+    float* dk_out = d_k->typed_data() + l.k_head(head);
+    float* dv_out = d_v->typed_data() + l.k_head(head);
+    for (int64_t s = 0; s < t_len; ++s) {
+      std::memcpy(dk_out + s * l.k_stride(), dk + s * e_len, e_len * sizeof(float));
+      std::memcpy(dv_out + s * l.k_stride(), dv + s * e_len, e_len * sizeof(float));
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmJaxBlockedAttention, BlockedAttentionImpl,
@@ -291,5 +447,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmJaxBlockedAttention, BlockedAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("block")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmJaxBlockedAttentionBackward, BlockedAttentionBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("block")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -226,13 +226,7 @@ def _blocked_attention_fwd(qg, kt, vt, bias, scale, block):
 
 
 def _blocked_attention_bwd(scale, block, residuals, d_out):
-    return _blocked_attention_backward(*residuals, d_out, scale, block)
-
-
-def _blocked_attention_backward(qg, kt, vt, bias, out, lse, d_out, scale, block):
-    """Gradients (d_qg, d_kt, d_vt, d_bias) of _blocked_attention_forward's output from its
-    inputs, output and log-sum-exp, and the output's cotangent d_out [B, K, G, T, E]: each
-    block's probabilities rebuilt from the log-sum-exp, five products per block."""
+    qg, kt, vt, bias, out, lse = residuals
     dtype = qg.dtype
     batch, kv, groups, t_len, _ = qg.shape
     acc = jnp.promote_types(dtype, jnp.float32)
@@ -263,10 +257,8 @@ _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _kernel_attention(q, k, v, bias, scale: float, block: int):
-    """_blocked_attention on the projections' layout, its forward in the CPU kernel
-    (nn/cpu_attention.py): q [B, T, K, G, E], k/v [B, T, K, E] -> out [B, T, K, G, E]. The
-    backward is _blocked_attention's, on transposed copies: the forward, which inference runs
-    alone, needs none."""
+    """_blocked_attention on the projections' layout, forward and backward in the CPU kernels
+    (nn/cpu_attention.py): q [B, T, K, G, E], k/v [B, T, K, E] -> out [B, T, K, G, E]."""
     return cpu_attention.blocked_attention_forward(q, k, v, bias, scale, block)[0]
 
 
@@ -278,11 +270,8 @@ def _kernel_attention_fwd(q, k, v, bias, scale, block):
 
 def _kernel_attention_bwd(scale, block, residuals, d_out):
     q, k, v, bias, out, lse = residuals
-    to_rows, to_heads = (0, 2, 3, 1, 4), (0, 2, 1, 3)  # [B, T, K, G, E] -> [B, K, G, T, E]; [B, T, K, E] -> [B, K, T, E]
-    d_q, d_k, d_v, d_bias = _blocked_attention_backward(
-        q.transpose(to_rows), k.transpose(to_heads), v.transpose(to_heads), bias, out.transpose(to_rows), lse,
-        d_out.transpose(to_rows), scale, block)
-    return d_q.transpose(0, 3, 1, 2, 4), d_k.transpose(to_heads), d_v.transpose(to_heads), d_bias
+    d_q, d_k, d_v = cpu_attention.blocked_attention_backward(q, k, v, bias, out, lse, d_out, scale, block)
+    return d_q, d_k, d_v, None if bias is None else jnp.zeros_like(bias)  # the mask is a constant
 
 
 _kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
