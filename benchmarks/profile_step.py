@@ -10,8 +10,8 @@ rope) and to its phase: forward, backward (autodiff's transpose) or recompute
   lora     one step of rank-8 LoRA on the text decoder's q_proj / v_proj
   forward  a forward pass of --batch examples (interp.py's)
   decode   one decode step of --batch rows as generate's loop runs it (its weights' form for
-           that many rows, its CPU compiler options), at slot 650 of a 704-slot cache: the
-           generation.py prompt (601 tokens in a 640-token bucket) plus 64 new-token slots
+           that many rows, its CPU compiler options), at slot 630 of a 672-slot cache: the
+           generation.py prompt (601 tokens in a 608-token bucket) plus 64 new-token slots
 
 How time is counted. Ops that run at the same time (XLA CPU runs independent ops on its threads
 side by side) share the time they overlap. On CPU some products (XLA's Eigen dots) run
@@ -141,7 +141,7 @@ def model_folder(workdir: str, tiny: bool) -> str:
     return folder
 
 
-def decode_step(model, batch: int, slots: int = 704, slot: int = 650):
+def decode_step(model, batch: int, slots: int = 672, slot: int = 630):
     """(the compiled decode step, a function that runs it once and waits): one new token per row
     at `slot` of per-layer caches of `slots` slots holding random keys and values, on the
     weights in the form generate picks for `batch` rows (generate.decode_params)."""

@@ -225,10 +225,11 @@ def test_decode_loop_never_copies_the_cache(hf_checkpoints, rows):
 
 
 def test_prefill_runs_the_stacked_layers_in_one_scan(hf_checkpoints):
-    """generate's prefill is one lax.scan over the stacked decoder layers, filling a stacked
-    cache of the prompt's slots; only the decode loop runs on per-layer copies. Run unrolled on
-    those copies, the prefill of the 62M CPU model took 0.335 against 0.303 s at batch 1
-    (benchmarks/RESULTS.md)."""
+    """generate's prefill is one lax.scan over the stacked decoder layers (but the last, which
+    runs at the last position only: test_prefill_computes_the_last_layer_at_the_last_position_only),
+    filling a stacked cache of the prompt's slots; only the decode loop runs on per-layer copies.
+    Run unrolled on those copies, the prefill of the 62M CPU model took 0.335 against 0.303 s at
+    batch 1 (benchmarks/RESULTS.md)."""
     from functools import partial
 
     folder, _, hf_config = hf_checkpoints("clip-llama-mha")
@@ -243,9 +244,45 @@ def test_prefill_runs_the_stacked_layers_in_one_scan(hf_checkpoints):
     cache_rows = ids.shape[0] * text.num_kv_heads
     stacked_cache = (text.num_layers, cache_rows, ids.shape[1], text.head_dim)
     prefill_scans = [eqn for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "scan"
-                     and eqn.params["length"] == text.num_layers
+                     and eqn.params["length"] == text.num_layers - 1
                      and any(tuple(v.aval.shape) == stacked_cache for v in eqn.outvars)]
     assert len(prefill_scans) == 1, "the prefill is not one scan over the stacked layers writing a stacked cache"
     loops = [eqn for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "while"]
     assert len(loops) == 1 and not any(sub.primitive.name == "scan" for sub in loops[0].params["body_jaxpr"].eqns), \
         "the decode loop should run unrolled layers on per-layer weights"
+
+
+def test_prefill_computes_the_last_layer_at_the_last_position_only(hf_checkpoints):
+    """last_position_only (generate's prefill): the same next-token logits and the same cache as
+    a full prefill, for less work: the last layer's queries, attention, output projection and MLP
+    run at one position per row (8% of the CPU preset's batch-4 prefill, benchmarks/RESULTS.md)."""
+    case = "clip-gelu-llama3rope-gqa-tied-multilayer"
+    folder, _, hf_config = hf_checkpoints(case)
+    model = vj.load(folder, progress=False)
+    cfg, text = model.config, model.config.text
+    batch = hf_factory.make_batch(hf_config, hf_factory.image_size(case), padding="left")
+    ids, mask = gen.left_align(batch["input_ids"], batch["attention_mask"], 0)
+    inputs = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask),
+              "position_ids": llava.default_positions(jnp.asarray(mask)), "pixel_values": batch["pixel_values"]}
+    rows, width = ids.shape
+    last = jnp.full((rows, 1), width - 1, jnp.int32)
+
+    def prefill(params, last_only):
+        cache = text_decoder.init_cache(text, rows, width, params["language_model"]["embed_tokens"]["embedding"].dtype)
+        out = llava.forward(params, cfg, inputs, cache=cache, cache_index=0, key_valid=jnp.asarray(mask, bool),
+                            last_position_only=last_only, logit_positions=None if last_only else last)
+        return out.logits, out.cache
+
+    full, short = (jax.jit(prefill, static_argnums=1).lower(model.params, flag).compile() for flag in (False, True))
+    (full_logits, full_cache), (logits, cache) = full(model.params), short(model.params)
+    assert logits.shape == full_logits.shape == (rows, 1, cfg.text.vocab_size)
+    np.testing.assert_allclose(logits, full_logits, rtol=1e-5, atol=1e-5)
+    for name in ("k", "v"):
+        np.testing.assert_allclose(cache[name], full_cache[name], rtol=1e-5, atol=1e-6)
+    # the last layer's MLP products: one row per sequence instead of every position (the scan body
+    # of the other layers has them at rows * width)
+    one_row_mlp = f"f32[{rows},{text.intermediate_size}]"
+    assert one_row_mlp in str(jax.make_jaxpr(prefill, static_argnums=1)(model.params, True))
+    assert one_row_mlp not in str(jax.make_jaxpr(prefill, static_argnums=1)(model.params, False))
+    with pytest.raises(ValueError, match="last_position_only"):
+        llava.forward(model.params, cfg, inputs, last_position_only=True)  # no cache: not a prefill

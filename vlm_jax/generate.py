@@ -89,13 +89,14 @@ def _generate(params, config: LlavaConfig, input_ids, attention_mask, pixel_valu
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions}
     if pixel_values is not None:
         inputs["pixel_values"] = pixel_values
-    last = jnp.full((batch, 1), prompt_len - 1, jnp.int32)  # prompts are left-aligned
     # The prefill runs the stacked layers in one lax.scan, filling a stacked cache of the prompt's
     # slots: faster than unrolled layers on per-layer copies (prefill + first token of the CPU
-    # preset 0.340 -> 0.305 s at batch 1, 1.214 -> 1.146 s at batch 4).
+    # preset 0.340 -> 0.305 s at batch 1, 1.214 -> 1.146 s at batch 4). Prompts are left-aligned,
+    # so the next token needs the last position only, which is all the last layer computes
+    # beyond the cache's keys and values (last_position_only).
     prefill_cache = text_decoder.init_cache(config.text, batch, prompt_len, dtype)
     out = llava.forward(params, config, inputs, cache=prefill_cache, cache_index=0,
-                        key_valid=attention_mask.astype(bool), logit_positions=last, fused_attention=fused)
+                        key_valid=attention_mask.astype(bool), last_position_only=True, fused_attention=fused)
     # The decode loop reads per-layer weights (decode_params) and per-layer caches, with the new
     # tokens' slots after the prompt's.
     params = decode_params(params, kernels)

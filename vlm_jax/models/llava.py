@@ -183,6 +183,7 @@ def forward(
     key_valid: jax.Array | None = None,
     prefix: jax.Array | None = None,
     remat: bool | str = False,
+    last_position_only: bool = False,
 ) -> Output:
     """The whole model. Pure and jit-able (config and capture are static).
 
@@ -204,7 +205,14 @@ def forward(
       remat: what each layer keeps for the backward pass (training): False/'none' everything,
         True/'full' only its input, 'dots' its weight products' and attention's outputs
         (layers.remat_policy).
+      last_position_only: a cache prefill that needs the next token only (generate's): the last
+        decoder layer runs its queries, attention, output projection and MLP at the last position
+        alone, and Output.logits is [B, 1, V] there (logit_positions is then ignored); every
+        position's keys and values still fill the cache. No capture, edits or soft prompt.
     """
+    if last_position_only and (cache is None or capture or edits is not None or prefix is not None):
+        raise ValueError("last_position_only is for a cache prefill without capture, edits or a soft prompt "
+                         "(generate's); run the full forward pass for those")
     capture = validate_capture(capture)
     if edits is not None and not edits.ops:
         edits = None  # an empty edit set is the plain forward pass
@@ -226,7 +234,7 @@ def forward(
         lm, config.text, embeds, position_ids,
         attention_mask if key_valid is None else key_valid,
         capture=wanted, fused=fused_attention, cache=cache, cache_index=cache_index,
-        site_ops=site_ops, attention_ops=attention_ops, remat=remat,
+        site_ops=site_ops, attention_ops=attention_ops, remat=remat, final_rows=1 if last_position_only else None,
     )
     acts.update({f"text.{k}": v for k, v in tacts.items() if f"text.{k}" in capture})
     final = _apply_global(edits, "text.final", text_decoder.final_norm(lm, config.text, h))
@@ -237,7 +245,7 @@ def forward(
         acts["text.final"] = final
     logits = None
     if compute_logits:
-        if logit_positions is not None:
+        if logit_positions is not None and not last_position_only:
             if token_index is not None:  # positions are given in input coordinates
                 logit_positions = jnp.take_along_axis(token_index, logit_positions, axis=1)
             final = jnp.take_along_axis(final, logit_positions[..., None], axis=1)
@@ -247,4 +255,5 @@ def forward(
     return Output(logits=logits, acts=acts, cache=new_cache, token_index=token_index)
 
 
-forward_jit = jax.jit(forward, static_argnames=("config", "capture", "fused_attention", "compute_logits", "remat"))
+forward_jit = jax.jit(forward, static_argnames=("config", "capture", "fused_attention", "compute_logits", "remat",
+                                               "last_position_only"))

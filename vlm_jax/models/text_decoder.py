@@ -71,8 +71,12 @@ def _heads(x: jax.Array, axis: str) -> jax.Array:
 
 
 def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, cache_index, rebuild_edits,
-           attn_edit_free: bool, prefill: bool = False, stacked_cache: bool = False):
+           attn_edit_free: bool, prefill: bool = False, stacked_cache: bool = False, final_rows: int | None = None):
+    """One decoder layer as a scan body. final_rows: only the last `final_rows` positions' outputs
+    are computed (their queries, attention, output projection and MLP); every position's keys and
+    values are still computed and cached. h comes out [B, final_rows, D]."""
     groups = cfg.num_heads // cfg.num_kv_heads
+    q_cos, q_sin = (cos, sin) if final_rows is None else (cos[:, -final_rows:], sin[:, -final_rows:])
 
     def layer(p: dict, carry, per_layer: dict, index):
         # with a cache the scan carries (h, cache): each layer writes its slots in place
@@ -83,8 +87,9 @@ def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, ca
         h = sites("resid_pre", constrain(h, ("batch", "length", "act_embed")))
         x = rms_norm(h, p["input_layernorm"], cfg.rms_norm_eps)
         attn_p = p["self_attn"]
+        x_q = x if final_rows is None else x[:, -final_rows:]
         with jax.named_scope("qkv_proj"):
-            q = sites("q", apply_rope(_heads(project_heads(x, attn_p["q_proj"]), "act_heads"), cos, sin))
+            q = sites("q", apply_rope(_heads(project_heads(x_q, attn_p["q_proj"]), "act_heads"), q_cos, q_sin))
             k = sites("k", apply_rope(_heads(project_heads(x, attn_p["k_proj"]), "act_kv_heads"), cos, sin))
             v = sites("v", _heads(project_heads(x, attn_p["v_proj"]), "act_kv_heads"))
         report = sites.report
@@ -109,6 +114,8 @@ def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, ca
             if not prefill:  # a prefill attends to its own keys only: the later slots are still empty
                 k, v = read(cache["k"]), read(cache["v"])
         bias = biases[per_layer["mask_kind"]] if biases.shape[0] > 1 else biases[0]
+        if final_rows is not None:
+            h, bias = h[:, -final_rows:], bias[:, :, -final_rows:]
         want_pattern = "attn_pattern" in wanted
         out, pattern = attention(
             q, k, v, scale=cfg.head_dim**-0.5, bias=bias, return_pattern=want_pattern,
@@ -142,6 +149,7 @@ def forward(
     attention_ops=(),
     layer_range: tuple[int, int] | None = None,
     remat: bool | str = False,
+    final_rows: int | None = None,
 ):
     """Runs every decoder layer (or the layers in `layer_range` = (start, end)).
 
@@ -158,6 +166,11 @@ def forward(
       site_ops, attention_ops: this tower's edits (vlm_jax.interp.edits).
       layer_range: run only layers start..end-1 (embeds is then layer start's input); used by
         sweeps that share the layers before an edit.
+      final_rows: a prefill (stacked layers, no capture or edits) whose next token needs only the
+        last `final_rows` positions: the last layer computes its queries, attention, output
+        projection and MLP there only (every position's keys and values still fill the cache),
+        and h comes back [B, final_rows, D]. For the CPU preset's 8 layers, 1/8 of the MLP and
+        attention work.
 
     Returns:
       (h [B, T, D] after the last layer, before the final norm; {site: [L, ...]};
@@ -208,9 +221,19 @@ def forward(
         return h, report, None
     # The cache rides in the scan carry, not in xs/ys: layer i updates its slots in place, where
     # slicing it in as xs and stacking it back as ys would copy the whole cache on every step.
-    (h, new_cache), report = scan_layers(layer, (embeds, {"k": cache["k"], "v": cache["v"]}), stacked, per_layer,
-                                         remat=remat)
-    return h, report, new_cache
+    carry = (embeds, {"k": cache["k"], "v": cache["v"]})
+    if final_rows is None:
+        (h, new_cache), report = scan_layers(layer, carry, stacked, per_layer, remat=remat)
+        return h, report, new_cache
+    if not prefill or capture or site_ops or attention_ops or layer_range is not None:
+        raise ValueError("final_rows is for a prefill of every layer with no capture or edits (generate's)")
+    last = cfg.num_layers - 1
+    carry, _ = scan_layers(layer, carry, *jax.tree.map(lambda a: a[:last], (stacked, per_layer)))
+    final_layer = _layer(cfg, frozenset(), fused, biases, cos, sin, cache_index, rebuild_edits, True, prefill,
+                         stacked_cache=True, final_rows=final_rows)
+    layer_params, layer_extras = jax.tree.map(lambda a: a[last], (stacked, per_layer))
+    (h, new_cache), _ = final_layer(layer_params, carry, layer_extras, last)
+    return h, {}, new_cache
 
 
 def unstack_layers(params: dict) -> dict:

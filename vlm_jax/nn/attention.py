@@ -3,7 +3,8 @@
 * explicit: scores, float32 softmax, weighted sum; can return the pattern [B, H, T, S] and
   is the path where attention edges can be edited. Without a pattern, an edit or a cache it
   runs query block by query block (causal blocks skip the keys after them) with a custom,
-  flash-style backward (_blocked_attention);
+  flash-style backward (_blocked_attention); on CPU in float32 that forward and backward are
+  C++ kernels reading q, k and v where they lie (_kernel_attention, nn/cpu_attention.py);
 * fused: jax.nn.dot_product_attention, used when nothing needs the pattern. On GPU its
   forward is cuDNN's flash kernel and its gradient XLA's (see fused_forward_kernel).
 
