@@ -9,6 +9,8 @@ rope) and to its phase: forward, backward (autodiff's transpose) or recompute
   full     one AdamW step of every parameter (finetune.py's, with --remat)
   lora     one step of rank-8 LoRA on the text decoder's q_proj / v_proj
   forward  a forward pass of --batch examples (interp.py's)
+  prefill  generate's prefill of --batch rows (the interp.py prompt padded to generate's width,
+           the cache filled, the last layer at the last position only) and the first token's logits
   decode   one decode step of --batch rows as generate's loop runs it (its weights' form for
            that many rows, its CPU compiler options), at slot 630 of a 672-slot cache: the
            generation.py prompt (601 tokens in a 608-token bucket) plus 64 new-token slots
@@ -176,6 +178,39 @@ def decode_step(model, batch: int, slots: int = 672, slot: int = 630):
     return program, run_once
 
 
+def prefill_step(model, batch: int):
+    """(the compiled prefill, a function that runs it once and waits): generate's prefill of the
+    interp.py prompt for `batch` rows, left-aligned and padded to generate.prompt_width."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from vlm_jax import generate as gen
+    from vlm_jax.models import llava, text_decoder
+
+    cfg = model.config
+    raw = make_inputs(cfg, batch)
+    ids, mask = gen.left_align(raw["input_ids"].astype(np.int32), raw["attention_mask"].astype(np.int32), 0)
+    pad = gen.prompt_width(ids.shape[1]) - ids.shape[1]
+    ids, mask = np.pad(ids, ((0, 0), (pad, 0))), np.pad(mask, ((0, 0), (pad, 0)))
+    inputs = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask),
+              "position_ids": llava.default_positions(jnp.asarray(mask)),
+              "pixel_values": jnp.asarray(raw["pixel_values"])}
+
+    def prefill(params):
+        cache = text_decoder.init_cache(cfg.text, *ids.shape, params["language_model"]["embed_tokens"]["embedding"].dtype)
+        out = llava.forward(params, cfg, inputs, cache=cache, cache_index=0, key_valid=jnp.asarray(mask, bool),
+                            last_position_only=True)
+        return out.logits, out.cache
+
+    program = jax.jit(prefill, compiler_options=gen.compiler_options(model.params)).lower(model.params).compile()
+
+    def run_once():
+        jax.block_until_ready(program(model.params))
+
+    return program, run_once
+
+
 def build_workload(name: str, remat: str, batch: int, folder: str):
     """(the compiled program, a function that runs it once and waits)."""
     import jax
@@ -186,6 +221,8 @@ def build_workload(name: str, remat: str, batch: int, folder: str):
     model = vj.load(folder, dtype="float32", progress=False)
     if name == "decode":
         return decode_step(model, batch)
+    if name == "prefill":
+        return prefill_step(model, batch)
     if name == "forward":
         inputs = {k: jax.numpy.asarray(v) for k, v in make_inputs(model.config, batch).items()}
         program = llava.forward_jit.lower(model.params, model.config, inputs).compile()
@@ -202,7 +239,7 @@ def build_workload(name: str, remat: str, batch: int, folder: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workload", choices=("full", "lora", "forward", "decode"), default="full")
+    parser.add_argument("--workload", choices=("full", "lora", "forward", "prefill", "decode"), default="full")
     parser.add_argument("--remat", default="dots", help="TrainConfig.remat of the training workloads")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2, help="executions traced (after 3 untraced ones)")

@@ -106,3 +106,15 @@ def test_profile_script_runs_a_decode_step(tmp_path):
     assert rows["text_decoder", "mlp"][0] and rows["unembed", "rest"][0]  # charged (see the test above)
     assert all(not r[1] and not r[3] for r in rows.values())  # no backward, no update
     assert abs(sum(float(r[-1].rstrip("%")) for r in rows.values()) - 100) < 0.5
+
+
+def test_profile_script_runs_generates_prefill(tmp_path):
+    """The prefill workload on a tiny model: the vision tower, the decoder's MLP and attention in
+    the table, forward only."""
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "profile_step.py"), "--tiny", "--workload", "prefill",
+           "--batch", "2", "--steps", "2", "--top", "3", "--workdir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = table_rows(proc.stdout)
+    assert rows["text_decoder", "mlp"][0] and rows["text_decoder", "attention"][0] and rows["vision_tower", "mlp"][0]
+    assert all(not r[1] and not r[3] for r in rows.values())  # no backward, no update
