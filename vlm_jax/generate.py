@@ -2,9 +2,9 @@
 
 The prompt is left-aligned and left-padded to a bucket (prompt_width: a multiple of ~1/16 of its
 length, or of `prompt_bucket`), the cache holds bucket + new-token slots, and the whole decode
-loop is one lax.while_loop inside one jit: image features are computed once at prefill, no step goes back to Python,
-and prompts of similar length share a compiled program. Greedy decoding reproduces
-transformers' generate() token for token (pad_token_id after EOS, as it does).
+loop is one lax.while_loop inside one jit: image features are computed once at prefill, no step
+goes back to Python, and prompts of similar length share a compiled program. Greedy decoding
+reproduces transformers' generate() token for token (pad_token_id after EOS, as it does).
 """
 
 from __future__ import annotations

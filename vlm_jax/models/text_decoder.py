@@ -202,6 +202,9 @@ def forward(
     }
     stacked = params["layers"]
     unstacked = isinstance(stacked, (list, tuple))  # unstack_layers: run unrolled
+    if final_rows is not None and (not prefill or unstacked or capture or site_ops or attention_ops
+                                   or layer_range is not None):
+        raise ValueError("final_rows is for a prefill of every stacked layer with no capture or edits (generate's)")
     if layer_range is not None:
         if cache is not None:
             raise ValueError("layer_range runs a slice of the layers and cannot update a key/value cache; pass "
@@ -225,8 +228,6 @@ def forward(
     if final_rows is None:
         (h, new_cache), report = scan_layers(layer, carry, stacked, per_layer, remat=remat)
         return h, report, new_cache
-    if not prefill or capture or site_ops or attention_ops or layer_range is not None:
-        raise ValueError("final_rows is for a prefill of every layer with no capture or edits (generate's)")
     last = cfg.num_layers - 1
 
     def first_layers(carry, index):
