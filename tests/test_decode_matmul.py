@@ -106,19 +106,23 @@ def test_decoder_with_kernel_forms_equals_plain_decoder(form):
 
 
 def test_generate_chooses_the_form_by_rows_and_keeps_the_tokens(hf_checkpoints):
-    """1-2 rows: stacked weights in place (no copy of a layer's weights in the program); 3-8:
-    packed; more: XLA's products. The tokens equal XLA's (and transformers': test_generate.py)."""
+    """1-2 rows: stacked weights in place (no copy of a layer's weights in the program); 3-4:
+    the same for short generations, packed for long ones; 5-8: packed; more: XLA's products. The
+    tokens equal XLA's (and transformers': test_generate.py)."""
     folder, _, hf_config = hf_checkpoints("clip-llama-mha")
     model = vj.load(folder, progress=False)
     batch = hf_factory.make_batch(hf_config, hf_factory.image_size("clip-llama-mha"), padding="left")
     forms = {rows: gen.decode_kernel_form(model.params, rows) for rows in (1, 2, 4, 5, 8, 9)}
     assert forms == {1: "stacked", 2: "stacked", 4: "packed", 5: "packed", 8: "packed", 9: None}
+    # 3-4 rows copy the weights into panels only for generations long enough to repay the copy
+    assert [gen.decode_kernel_form(model.params, rows, 32) for rows in (3, 4, 5)] == ["stacked", "stacked", "packed"]
+    assert gen.decode_kernel_form(model.params, 4, gen.PACKED_FROM_TOKENS) == "packed"
     text = model.config.text
     mlp_kernel = re.compile(rf"= f32\[(1,)?({text.hidden_size},{text.intermediate_size}|"
                             rf"{text.intermediate_size},{text.hidden_size})\]")
 
     def program(form):
-        gen.decode_kernel_form = lambda params, rows: form
+        gen.decode_kernel_form = lambda params, rows, new_tokens=None: form
         return gen.decode_program_text(model.params, model.config, batch["input_ids"], batch["attention_mask"],
                                        batch["pixel_values"], new_slots=8)
 
@@ -127,7 +131,7 @@ def test_generate_chooses_the_form_by_rows_and_keeps_the_tokens(hf_checkpoints):
     try:
         hlo = {form: program(form) for form in ("stacked", None)}
         for form in ("stacked", "packed", None):
-            gen.decode_kernel_form = lambda params, rows, form=form: form
+            gen.decode_kernel_form = lambda params, rows, new_tokens=None, form=form: form
             tokens[form] = model.generate(batch, 12, eos_token_ids=()).tokens
     finally:
         gen.decode_kernel_form = chosen

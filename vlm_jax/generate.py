@@ -167,21 +167,30 @@ def compiled_generate(params: dict):
     return _generate_jit_cpu if compiler_options(params) is not None else _generate_jit
 
 
-def decode_kernel_form(params: dict, batch: int) -> str | None:
+# Packing the weights into panels costs about as much per generate call as the panels then save
+# in ~70 decode steps at 3-4 rows (CPU preset, batch 4: stacked 1.286 against packed 1.311 s for
+# 32 new tokens, 2.503 against 2.469 s for 128); at 5-8 rows they save several times more per step.
+PACKED_FROM_TOKENS = 72
+
+
+def decode_kernel_form(params: dict, batch: int, new_tokens: int | None = None) -> str | None:
     """How the decode steps multiply with the weights: in the CPU kernels of nn/decode_matmul.py
     for 1-8 rows of float32 parameters on one CPU device, where XLA's products read the weights
     at about half the memory speed for 2-8 rows, and generate had to copy them out of their stack
-    first. "stacked" (1-2 rows) reads the stacked weights in place; "packed" (3-8 rows) copies them
-    once into column panels, which that kernel reads faster and more steadily for more rows (at 4
-    rows the stacked form swung between level and 12% slower per generate call). None: XLA's
-    products on per-layer copies (more rows, other devices, sharded or non-float32 parameters;
-    the kernels are not partitioned). Chosen by timing generate on the CPU preset
-    (benchmarks/RESULTS.md)."""
+    first. "stacked" reads the stacked weights in place; "packed" copies them once per call into
+    column panels, which that kernel reads faster and more steadily for more rows (at 4 rows
+    the stacked form swung between level and 12% slower per step). So: stacked for 1-2 rows, and
+    for 3-4 rows unless `new_tokens` (None: unknown) reaches PACKED_FROM_TOKENS, which repays
+    the copy; packed for 5-8 rows. None: XLA's products on per-layer copies (more rows, other
+    devices, sharded or non-float32 parameters; the kernels are not partitioned). Chosen by
+    timing generate on the CPU preset (benchmarks/RESULTS.md)."""
     text = params["language_model"]["embed_tokens"]["embedding"]
     if not (1 <= batch <= decode_matmul.MAX_ROWS and text.dtype == jnp.float32 and _on_one_cpu(params)
             and decode_matmul.available()):
         return None
-    return "stacked" if batch <= 2 else "packed"
+    if batch <= 2 or (batch <= 4 and new_tokens is not None and new_tokens < PACKED_FROM_TOKENS):
+        return "stacked"
+    return "packed"
 
 
 def decode_program_text(params: dict, config: LlavaConfig, input_ids, attention_mask, pixel_values,
@@ -193,7 +202,7 @@ def decode_program_text(params: dict, config: LlavaConfig, input_ids, attention_
     lowered = compiled_generate(params).lower(
         params, config, input_ids, attention_mask, pixel_values, jax.random.key(0), jnp.int32(new_slots),
         new_slots=new_slots, sampling=Sampling(), eos_ids=(), pad_id=0, fused=fused,
-        kernels=decode_kernel_form(params, input_ids.shape[0]))
+        kernels=decode_kernel_form(params, input_ids.shape[0], new_slots))
     return lowered.compile().as_text()
 
 
@@ -270,6 +279,6 @@ def generate(
         jnp.int32(max_new_tokens),
         new_slots=round_up(max_new_tokens, new_token_bucket), sampling=sampling,
         eos_ids=tuple(int(e) for e in eos_token_ids), pad_id=int(pad_token_id), fused=fused_attention,
-        kernels=decode_kernel_form(params, ids.shape[0]),
+        kernels=decode_kernel_form(params, ids.shape[0], max_new_tokens),
     )
     return to_host(tokens)[:, :max_new_tokens]
