@@ -183,30 +183,17 @@ def prefill_step(model, batch: int):
     interp.py prompt for `batch` rows, left-aligned and padded to generate.prompt_width."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from vlm_jax import generate as gen
-    from vlm_jax.models import llava, text_decoder
 
-    cfg = model.config
-    raw = make_inputs(cfg, batch)
-    ids, mask = gen.left_align(raw["input_ids"].astype(np.int32), raw["attention_mask"].astype(np.int32), 0)
-    pad = gen.prompt_width(ids.shape[1]) - ids.shape[1]
-    ids, mask = np.pad(ids, ((0, 0), (pad, 0))), np.pad(mask, ((0, 0), (pad, 0)))
-    inputs = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask),
-              "position_ids": llava.default_positions(jnp.asarray(mask)),
-              "pixel_values": jnp.asarray(raw["pixel_values"])}
-
-    def prefill(params):
-        cache = text_decoder.init_cache(cfg.text, *ids.shape, params["language_model"]["embed_tokens"]["embedding"].dtype)
-        out = llava.forward(params, cfg, inputs, cache=cache, cache_index=0, key_valid=jnp.asarray(mask, bool),
-                            last_position_only=True)
-        return out.logits, out.cache
-
-    program = jax.jit(prefill, compiler_options=gen.compiler_options(model.params)).lower(model.params).compile()
+    raw = make_inputs(model.config, batch)
+    ids, mask = (jnp.asarray(a) for a in gen.pad_prompts(raw["input_ids"], raw["attention_mask"], 0))
+    pixels = jnp.asarray(raw["pixel_values"])
+    program = jax.jit(gen.prefill, static_argnums=1, compiler_options=gen.compiler_options(model.params)).lower(
+        model.params, model.config, ids, mask, pixels).compile()
 
     def run_once():
-        jax.block_until_ready(program(model.params))
+        jax.block_until_ready(program(model.params, ids, mask, pixels))
 
     return program, run_once
 

@@ -80,30 +80,39 @@ def decode_forward(params: dict, config: LlavaConfig, token: jax.Array, position
     return out.logits[:, -1], out.cache
 
 
+def prefill(params: dict, config: LlavaConfig, input_ids, attention_mask, pixel_values, fused: bool = False):
+    """generate's prefill of left-aligned prompts input_ids / attention_mask [B, T] (pad_prompts):
+    the first new token's logits [B, V] and the stacked cache of the prompt's T slots.
+
+    It runs the stacked layers in one lax.scan, filling a stacked cache: faster than unrolled
+    layers on per-layer copies (prefill + first token of the CPU preset 0.340 -> 0.305 s at batch
+    1, 1.214 -> 1.146 s at batch 4). Prompts are left-aligned, so the next token needs the last
+    position only, which is all the last layer computes beyond the cache's keys and values
+    (last_position_only)."""
+    batch, prompt_len = input_ids.shape
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+              "position_ids": llava.default_positions(attention_mask)}
+    if pixel_values is not None:
+        inputs["pixel_values"] = pixel_values
+    dtype = params["language_model"]["embed_tokens"]["embedding"].dtype
+    cache = text_decoder.init_cache(config.text, batch, prompt_len, dtype)
+    out = llava.forward(params, config, inputs, cache=cache, cache_index=0, key_valid=attention_mask.astype(bool),
+                        last_position_only=True, fused_attention=fused)
+    return out.logits[:, -1], out.cache
+
+
 def _generate(params, config: LlavaConfig, input_ids, attention_mask, pixel_values, rng, max_new_tokens,
               *, new_slots: int, sampling: Sampling, eos_ids: tuple, pad_id: int, fused: bool,
               kernels: str | None = None):
     batch, prompt_len = input_ids.shape
-    dtype = params["language_model"]["embed_tokens"]["embedding"].dtype
-    positions = llava.default_positions(attention_mask)
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions}
-    if pixel_values is not None:
-        inputs["pixel_values"] = pixel_values
-    # The prefill runs the stacked layers in one lax.scan, filling a stacked cache of the prompt's
-    # slots: faster than unrolled layers on per-layer copies (prefill + first token of the CPU
-    # preset 0.340 -> 0.305 s at batch 1, 1.214 -> 1.146 s at batch 4). Prompts are left-aligned,
-    # so the next token needs the last position only, which is all the last layer computes
-    # beyond the cache's keys and values (last_position_only).
-    prefill_cache = text_decoder.init_cache(config.text, batch, prompt_len, dtype)
-    out = llava.forward(params, config, inputs, cache=prefill_cache, cache_index=0,
-                        key_valid=attention_mask.astype(bool), last_position_only=True, fused_attention=fused)
+    first_logits, prompt_cache = prefill(params, config, input_ids, attention_mask, pixel_values, fused)
     # The decode loop reads per-layer weights (decode_params) and per-layer caches, with the new
     # tokens' slots after the prompt's.
     params = decode_params(params, kernels)
-    cache = text_decoder.split_cache(out.cache, new_slots)
+    cache = text_decoder.split_cache(prompt_cache, new_slots)
     key_valid = jnp.concatenate([attention_mask.astype(bool), jnp.zeros((batch, new_slots), bool)], axis=1)
     rng, sub = jax.random.split(rng)
-    token = choose_token(out.logits[:, -1], sampling, sub)
+    token = choose_token(first_logits, sampling, sub)
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
     def emit(tokens, token, done, step):
@@ -130,8 +139,8 @@ def _generate(params, config: LlavaConfig, input_ids, attention_mask, pixel_valu
         return step + 1, tokens, next_token, cache, key_valid, done, position, rng
 
     tokens = jnp.full((batch, new_slots), pad_id, jnp.int32)
-    state = (jnp.int32(0), tokens, token, cache, key_valid, jnp.zeros((batch,), bool),
-             positions[:, -1], rng)
+    last_position = llava.default_positions(attention_mask)[:, -1]  # the prefill's (XLA computes it once)
+    state = (jnp.int32(0), tokens, token, cache, key_valid, jnp.zeros((batch,), bool), last_position, rng)
     step, tokens, token, _, _, done, _, _ = jax.lax.while_loop(cond, body, state)
     tokens, _, _ = emit(tokens, token, done, step)  # the last token (a pad once every row has stopped)
     return tokens, step
@@ -235,6 +244,14 @@ def prompt_width(length: int, prompt_bucket: int | None = None) -> int:
     return round_up(length, prompt_bucket)
 
 
+def pad_prompts(input_ids: np.ndarray, attention_mask: np.ndarray, pad_id: int, prompt_bucket: int | None = None):
+    """The prompts as generate runs them: left-aligned (left_align) and left-padded to
+    prompt_width. Returns (input_ids, attention_mask), int32 [B, width]."""
+    ids, mask = left_align(np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32), pad_id)
+    pad = prompt_width(ids.shape[1], prompt_bucket) - ids.shape[1]
+    return np.pad(ids, ((0, 0), (pad, 0)), constant_values=pad_id), np.pad(mask, ((0, 0), (pad, 0)))
+
+
 def generate(
     params: dict,
     config: LlavaConfig,
@@ -266,11 +283,7 @@ def generate(
     if max_new_tokens == 0:
         return np.zeros((ids.shape[0], 0), np.int32)
     mask = np.asarray(inputs.get("attention_mask", np.ones_like(ids)), np.int32)
-    ids, mask = left_align(ids, mask, pad_token_id)
-    width = prompt_width(ids.shape[1], prompt_bucket)
-    pad = width - ids.shape[1]
-    ids = np.pad(ids, ((0, 0), (pad, 0)), constant_values=pad_token_id)
-    mask = np.pad(mask, ((0, 0), (pad, 0)))
+    ids, mask = pad_prompts(ids, mask, pad_token_id, prompt_bucket)
     arrays = {"input_ids": ids, "attention_mask": mask, "pixel_values": inputs.get("pixel_values")}
     if place is not None:
         arrays = place(arrays)
