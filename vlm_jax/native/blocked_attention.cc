@@ -120,21 +120,27 @@ constexpr ScoreFn kScoreFns[kTileRows] = {score_tile<1>, score_tile<2>, score_ti
 constexpr SumFn kSumFns[kTileRows] = {weighted_sum_tile<1>, weighted_sum_tile<2>, weighted_sum_tile<3>,
                                       weighted_sum_tile<4>, weighted_sum_tile<5>, weighted_sum_tile<6>};
 
+// The keys (s .. s + 7) of a row of scores with the row's bias added (bias_row may be null), and
+// -inf for keys from kend on (the padding of the last vector).
+inline vec masked_scores(const float* row, const float* bias_row, int64_t s, int64_t kend) {
+  vec x = load(row + s);
+  if (s + kLanes <= kend) return bias_row != nullptr ? x + load(bias_row + s) : x;
+  for (int i = 0; i < kLanes; ++i)
+    x[i] = s + i < kend ? x[i] + (bias_row != nullptr ? bias_row[s + i] : 0.0f) : -std::numeric_limits<float>::infinity();
+  return x;
+}
+
+// keys rounded up to whole score tiles
+inline int64_t tile_width(int64_t keys) { return (keys + kKeyTile - 1) / kKeyTile * kKeyTile; }
+
 // One row of scores [kpad] in place: the bias row added to the first kend, the rest masked out,
 // then exp(score - max): the softmax's unnormalised probabilities. Returns their sum; *lse gets
 // the log-sum-exp. The weighted sum divides by the sum afterwards (one multiply per output
 // instead of a division per probability).
 float softmax_row(float* row, const float* bias_row, int64_t kend, int64_t kpad, float* lse) {
-  const vec lowest = splat(-std::numeric_limits<float>::infinity());
-  vec top_lanes = lowest;
+  vec top_lanes = splat(-std::numeric_limits<float>::infinity());
   for (int64_t s = 0; s < kpad; s += kLanes) {
-    vec x = load(row + s);
-    if (s + kLanes <= kend) {
-      if (bias_row != nullptr) x += load(bias_row + s);
-    } else {  // the last vector: keys past kend (padding) are masked out
-      for (int i = 0; i < kLanes; ++i) x[i] = s + i < kend ? x[i] + (bias_row != nullptr ? bias_row[s + i] : 0.0f)
-                                                           : -std::numeric_limits<float>::infinity();
-    }
+    const vec x = masked_scores(row, bias_row, s, kend);
     store(row + s, x);
     top_lanes = x > top_lanes ? x : top_lanes;
   }
@@ -195,7 +201,7 @@ struct Layout {
   int64_t heads() const { return n_seq * kv; }
   int64_t q_stride() const { return kv * groups * e_len; }  // a token's stride in q, out, d_out, d_q
   int64_t k_stride() const { return kv * e_len; }           // in k, v, d_k, d_v
-  int64_t kpad() const { return (t_len + kKeyTile - 1) / kKeyTile * kKeyTile; }
+  int64_t kpad() const { return tile_width(t_len); }
   // offsets of a head's token 0 (query group 0) in q and k
   int64_t q_head(int64_t head) const { return ((head / kv) * t_len * kv + head % kv) * groups * e_len; }
   int64_t k_head(int64_t head) const { return ((head / kv) * t_len * kv + head % kv) * e_len; }
@@ -231,17 +237,25 @@ ffi::Error read_layout(ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd,
   return ffi::Error::Success();
 }
 
-// A head's keys (or values) transposed into kt [E, kpad] (the tokens past T zeros), from rows at
-// `stride`; and, when `gathered` is not null, also copied as rows [T, E] into it. Read in place,
-// a head's rows lie a token's stride apart (2 KB for 8 heads of 64), which maps them onto a few
-// L1 sets: the products over them ran ~10% slower than on a copy.
-void pack_head(const float* rows, int64_t stride, const Layout& l, float* kt, float* gathered) {
+// A head's keys (or values), rows [T, E] at `stride`, transposed into kt [E, kpad] (the tokens
+// past T zeros).
+void transpose_head(const float* rows, int64_t stride, const Layout& l, float* kt) {
   const int64_t kpad = l.kpad();
-  for (int64_t s = 0; s < l.t_len; ++s) {
+  for (int64_t s = 0; s < l.t_len; ++s)
     for (int64_t e = 0; e < l.e_len; ++e) kt[e * kpad + s] = rows[s * stride + e];
-    if (gathered != nullptr) std::memcpy(gathered + s * l.e_len, rows + s * stride, l.e_len * sizeof(float));
-  }
   for (int64_t e = 0; e < l.e_len; ++e) std::fill(kt + e * kpad + l.t_len, kt + (e + 1) * kpad, 0.0f);
+}
+
+// A head's rows [T, E] at `stride` gathered into dense rows [T, E]. Read in place, a head's rows
+// lie a token's stride apart (2 KB for 8 heads of 64), which maps them onto a few L1 sets: the
+// products over them ran ~10% slower than on a gathered copy.
+void gather_head(const float* rows, int64_t stride, const Layout& l, float* dense) {
+  for (int64_t s = 0; s < l.t_len; ++s) std::memcpy(dense + s * l.e_len, rows + s * stride, l.e_len * sizeof(float));
+}
+
+// dense rows [T, E] written to a head's rows at `stride` (gather_head's inverse)
+void scatter_head(const float* dense, int64_t stride, const Layout& l, float* rows) {
+  for (int64_t s = 0; s < l.t_len; ++s) std::memcpy(rows + s * stride, dense + s * l.e_len, l.e_len * sizeof(float));
 }
 
 ffi::Error BlockedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -262,11 +276,8 @@ ffi::Error BlockedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   // Every head's keys transposed [E, kpad] and its values gathered [T, E], once for all its chunks.
   std::unique_ptr<float[]> keys_t(new float[heads * e_len * kpad]), values_c(new float[heads * t_len * e_len]);
   vlm_jax_native::run_blocks(pool, heads, [&](int64_t, int64_t head) {
-    pack_head(k.typed_data() + l.k_head(head), l.k_stride(), l, keys_t.get() + head * e_len * kpad, nullptr);
-    const float* values = v.typed_data() + l.k_head(head);
-    float* gathered = values_c.get() + head * t_len * e_len;
-    for (int64_t s = 0; s < t_len; ++s)
-      std::memcpy(gathered + s * e_len, values + s * l.k_stride(), e_len * sizeof(float));
+    transpose_head(k.typed_data() + l.k_head(head), l.k_stride(), l, keys_t.get() + head * e_len * kpad);
+    gather_head(v.typed_data() + l.k_head(head), l.k_stride(), l, values_c.get() + head * t_len * e_len);
   });
 
   // per worker: one tile's scores [kTileRows, kpad]
@@ -291,7 +302,7 @@ ffi::Error BlockedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
         const int64_t visible = masked_tail(tile_bias, rows, t_len, chunk.keys);
         for (int64_t keys : {visible, chunk.keys}) {
           if (keys == 0) continue;
-          const int64_t width = (keys + kKeyTile - 1) / kKeyTile * kKeyTile;
+          const int64_t width = tile_width(keys);
           kScoreFns[rows - 1](q_data + first_row + t * q_stride, q_stride, e_len, kt, kpad, width, scale, scores);
           float inverse_total[kTileRows];
           bool sees_no_key = false;
@@ -376,8 +387,9 @@ ffi::Error BlockedAttentionBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F
     float* dv = dk + head_size;
     float* probs = dv + head_size;
     float* d_scores = probs + kTileRows * kpad;
-    pack_head(k.typed_data() + l.k_head(head), l.k_stride(), l, kt, kc);
-    pack_head(v.typed_data() + l.k_head(head), l.k_stride(), l, vt, nullptr);
+    transpose_head(k.typed_data() + l.k_head(head), l.k_stride(), l, kt);
+    gather_head(k.typed_data() + l.k_head(head), l.k_stride(), l, kc);
+    transpose_head(v.typed_data() + l.k_head(head), l.k_stride(), l, vt);
     std::fill(dk, dk + 2 * head_size, 0.0f);
     const float* bias_rows = l.bias_rows(bias_data, head);
     for (int64_t g = 0; g < l.groups; ++g) {
@@ -395,7 +407,7 @@ ffi::Error BlockedAttentionBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F
           for (int m = 0; m < rows; ++m) sees_no_key |= lse_rows[t + m] <= kMaskedScore;
           const int64_t visible = sees_no_key ? chunk.keys : masked_tail(tile_bias, rows, t_len, chunk.keys);
           const int64_t keys = visible > 0 ? visible : chunk.keys;  // as the forward
-          const int64_t width = (keys + kKeyTile - 1) / kKeyTile * kKeyTile;
+          const int64_t width = tile_width(keys);
           kScoreFns[rows - 1](q_tile, q_stride, e_len, kt, kpad, width, scale, probs);
           kScoreFns[rows - 1](do_tile, q_stride, e_len, vt, kpad, width, 1.0f, d_scores);  // dO V^T
           for (int m = 0; m < rows; ++m) {
@@ -405,16 +417,8 @@ ffi::Error BlockedAttentionBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F
             float* p = probs + m * width;
             float* ds = d_scores + m * width;
             const float* b = tile_bias ? tile_bias + m * t_len : nullptr;
-            for (int64_t s = 0; s < width; s += kLanes) {
-              vec x = load(p + s);
-              if (s + kLanes <= keys) {
-                if (b != nullptr) x += load(b + s);
-                x = vexp(x - shift);
-              } else {  // the last vector: keys past `keys` have probability 0
-                for (int i = 0; i < kLanes; ++i)
-                  x[i] = s + i < keys ? x[i] + (b != nullptr ? b[s + i] : 0.0f) : -std::numeric_limits<float>::infinity();
-                x = vexp(x - shift);
-              }
+            for (int64_t s = 0; s < width; s += kLanes) {  // keys past `keys` get probability 0
+              const vec x = vexp(masked_scores(p, b, s, keys) - shift);
               store(p + s, x);
               store(ds + s, x * (load(ds + s) - d) * scale_v);
             }
@@ -426,12 +430,8 @@ ffi::Error BlockedAttentionBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F
           kUpdateFns[rows - 1](d_scores, width, keys, q_tile, q_stride, e_len, dk);  // dK += dS^T Q
         }
     }
-    float* dk_out = d_k->typed_data() + l.k_head(head);
-    float* dv_out = d_v->typed_data() + l.k_head(head);
-    for (int64_t s = 0; s < t_len; ++s) {
-      std::memcpy(dk_out + s * l.k_stride(), dk + s * e_len, e_len * sizeof(float));
-      std::memcpy(dv_out + s * l.k_stride(), dv + s * e_len, e_len * sizeof(float));
-    }
+    scatter_head(dk, l.k_stride(), l, d_k->typed_data() + l.k_head(head));
+    scatter_head(dv, l.k_stride(), l, d_v->typed_data() + l.k_head(head));
   });
   return ffi::Error::Success();
 }
