@@ -3,6 +3,10 @@ path (attention._blocked_attention_forward with the kernel off), and where atten
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +15,7 @@ import pytest
 import hf_factory
 import vlm_jax as vj
 from vlm_jax.nn import attention as A
+from vlm_jax.native import build
 from vlm_jax.nn import cpu_attention
 
 pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="the CPU attention kernel cannot be built here")
@@ -46,6 +51,7 @@ def causal_bias(batch, t_len, left_padding=0, right_padding=0):
     (2, 2, 3, 50, 24, 16),    # grouped-query heads, a head size that is not whole 16-key tiles
     (2, 1, 2, 29, 8, 7),      # the smallest head size, blocks of 7
     (1, 3, 1, 300, 64, 128),  # several 128-row chunks per block, the model's head size
+    (1, 2, 2, 41, 56, 16),    # a head size that takes every column path: pairs of vectors, one, 8 lanes
     (2, 2, 1, 45, 16, 45),    # one block of every key (plain attention)
     (1, 1, 1, 1, 8, 1),       # a single token
 ])
@@ -66,7 +72,8 @@ def test_kernel_equals_the_xla_blocked_path(batch, kv, groups, t_len, head_dim, 
 
 
 @pytest.mark.parametrize("batch,kv,groups,t_len,head_dim,block", [
-    (1, 2, 1, 37, 16, 8), (2, 2, 3, 50, 24, 16), (1, 3, 1, 300, 64, 128), (2, 2, 1, 45, 16, 45)])
+    (1, 2, 1, 37, 16, 8), (2, 2, 3, 50, 24, 16), (1, 3, 1, 300, 64, 128), (1, 2, 2, 41, 56, 16), (2, 1, 2, 29, 8, 7),
+    (2, 2, 1, 45, 16, 45)])
 @pytest.mark.parametrize("mask", ["per-sequence", "shared", "none", "left-padded"])
 def test_backward_kernel_equals_the_xla_backward(batch, kv, groups, t_len, head_dim, block, mask):
     """d_q, d_k and d_v from the kernel equal the XLA path's custom backward
@@ -169,3 +176,33 @@ def test_switched_off_kernel_means_xla_attention(monkeypatch):
     assert out.shape == q.shape
     with pytest.raises(RuntimeError, match="not available"):
         cpu_attention.blocked_attention_forward(*inputs(1, 2, 1, 4, 8), None, 1.0, 2)
+
+
+def _has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_avx512(), reason="only an AVX-512 machine builds both vector widths")
+def test_the_eight_lane_build_agrees_too(tmp_path):
+    """On an AVX-512 machine the kernels use 16-lane vectors and 12-row tiles; built with
+    -mno-avx512f (VLM_JAX_CXXFLAGS) they use the 8-lane, 6-row form every AVX2 machine runs. The
+    equality tests pass with that build too (a subprocess: the kernel is registered once per
+    process), for the head sizes and tiles of both forms."""
+    env = dict(os.environ, VLM_JAX_CXXFLAGS="-mno-avx512f", VLM_JAX_CACHE=str(tmp_path / "cache"))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                             "equals and (per-sequence or left-padded)"], env=env, capture_output=True, text=True,
+                            cwd=os.path.dirname(__file__))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
+    assert list((tmp_path / "cache" / "kernels").glob("blocked_attention-*.so"))  # it did build its own
+
+
+def test_extra_compiler_flags_change_the_cached_library(monkeypatch):
+    plain = cpu_attention.LIBRARY.library_path()
+    monkeypatch.setenv("VLM_JAX_CXXFLAGS", "-mno-avx512f -DEXAMPLE")
+    assert build.compiler_flags()[-2:] == ("-mno-avx512f", "-DEXAMPLE")
+    assert cpu_attention.LIBRARY.library_path() != plain

@@ -6,7 +6,9 @@ cached under `$VLM_JAX_CACHE` (default ~/.cache/vlm_jax), keyed by the sources (
 the headers of this folder), the compiler and its flags, jaxlib's version and the CPU, and its
 handlers are registered as FFI targets of the CPU platform. Where it cannot be built (no
 compiler, a failed build), `available()` says so once with a warning and the callers use XLA's
-own ops; `VLM_JAX_CPU_KERNELS=0` turns every kernel off.
+own ops; `VLM_JAX_CPU_KERNELS=0` turns every kernel off. `$VLM_JAX_CXXFLAGS` adds compiler flags
+after the defaults (and to the cache key): `-mno-avx512f` builds the AVX2 kernels on an AVX-512
+machine, `-march=x86-64-v3` kernels that run on any AVX2 host of a fleet.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ import jaxlib
 
 FOLDER = Path(__file__).parent
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-w")
+
+
+def compiler_flags() -> tuple[str, ...]:
+    """FLAGS, then the extra flags of $VLM_JAX_CXXFLAGS (whitespace-separated)."""
+    return (*FLAGS, *os.environ.get("VLM_JAX_CXXFLAGS", "").split())
 
 
 class KernelBuildWarning(UserWarning):
@@ -62,7 +69,7 @@ class CpuKernelLibrary:
         """Where the compiled library for this machine is (or will be) cached."""
         key = hashlib.sha256()
         headers = sorted(FOLDER.glob("*.h"))
-        for part in (self.source.read_bytes(), *(h.read_bytes() for h in headers), " ".join(FLAGS).encode(),
+        for part in (self.source.read_bytes(), *(h.read_bytes() for h in headers), " ".join(compiler_flags()).encode(),
                      jaxlib.__version__.encode(), _cpu_signature().encode(), os.environ.get("CXX", "c++").encode()):
             key.update(part)
             key.update(b"\0")
@@ -77,7 +84,7 @@ class CpuKernelLibrary:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             built = Path(scratch) / target.name
-            command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{FOLDER}", str(self.source), "-o", str(built)]
+            command = [compiler, *compiler_flags(), f"-I{jax.ffi.include_dir()}", f"-I{FOLDER}", str(self.source), "-o", str(built)]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
                 raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
