@@ -178,15 +178,7 @@ def test_switched_off_kernel_means_xla_attention(monkeypatch):
         cpu_attention.blocked_attention_forward(*inputs(1, 2, 1, 4, 8), None, 1.0, 2)
 
 
-def _has_avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx512f" in f.read()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _has_avx512(), reason="only an AVX-512 machine builds both vector widths")
+@pytest.mark.skipif(not build.cpu_has("avx512f"), reason="only an AVX-512 machine builds both vector widths")
 def test_the_eight_lane_build_agrees_too(tmp_path):
     """On an AVX-512 machine the kernels use 16-lane vectors and 12-row tiles; built with
     -mno-avx512f (VLM_JAX_CXXFLAGS) they use the 8-lane, 6-row form every AVX2 machine runs. The

@@ -50,6 +50,11 @@ def _cpu_signature() -> str:
         return platform.processor() + platform.machine()
 
 
+def cpu_has(feature: str) -> bool:
+    """Whether /proc/cpuinfo lists this feature flag (e.g. "avx512f"); False where it cannot be read."""
+    return feature in _cpu_signature().split()
+
+
 class CpuKernelLibrary:
     """One kernel source (FOLDER / f"{name}.cc") and the FFI targets it defines
     ({target name: handler symbol}); `fallback` says in the warning what runs instead."""
