@@ -3,7 +3,10 @@ place and weights packed in column panels, and their use in generate."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,12 +17,13 @@ import hf_factory
 import vlm_jax as vj
 from vlm_jax import generate as gen
 from vlm_jax.models import layers, text_decoder
+from vlm_jax.native import build
 from vlm_jax.nn import decode_matmul
 
 
 @pytest.mark.parametrize("form", ["stacked", "packed"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 8, 11])
-@pytest.mark.parametrize("depth,width", [(48, 40), (64, 16), (5, 100), (13, 7)])
+@pytest.mark.parametrize("depth,width", [(48, 40), (64, 16), (5, 100), (13, 7), (32, 300)])
 def test_products_equal_float64_reference(form, rows, depth, width):
     """Any row count (more than 8 in passes of 8), depths and widths that are not whole blocks,
     vectors or panels, a layer inside a stack, under jit."""
@@ -105,18 +109,35 @@ def test_decoder_with_kernel_forms_equals_plain_decoder(form):
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_generate_chooses_the_form_by_rows_and_keeps_the_tokens(hf_checkpoints):
-    """1-2 rows: stacked weights in place (no copy of a layer's weights in the program); 3-4:
-    the same for short generations, packed for long ones; 5-8: packed; more: XLA's products. The
-    tokens equal XLA's (and transformers': test_generate.py)."""
-    folder, _, hf_config = hf_checkpoints("clip-llama-mha")
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_decode_form_by_rows_tokens_and_vector_width(monkeypatch, hf_checkpoints, lanes):
+    """AVX2 kernels (8 lanes): 1-2 rows stacked weights in place; 3-4 the same for short
+    generations, packed for long ones; 5-8 packed. AVX-512 kernels (16 lanes): stacked for 1-8
+    rows. More rows: XLA's products."""
+    folder = hf_checkpoints("clip-llama-mha")[0]
     model = vj.load(folder, progress=False)
-    batch = hf_factory.make_batch(hf_config, hf_factory.image_size("clip-llama-mha"), padding="left")
+    monkeypatch.setattr(decode_matmul, "vector_lanes", lambda: lanes)
     forms = {rows: gen.decode_kernel_form(model.params, rows) for rows in (1, 2, 4, 5, 8, 9)}
+    if lanes == 16:
+        assert forms == {1: "stacked", 2: "stacked", 4: "stacked", 5: "stacked", 8: "stacked", 9: None}
+        return
     assert forms == {1: "stacked", 2: "stacked", 4: "packed", 5: "packed", 8: "packed", 9: None}
     # 3-4 rows copy the weights into panels only for generations long enough to repay the copy
     assert [gen.decode_kernel_form(model.params, rows, 32) for rows in (3, 4, 5)] == ["stacked", "stacked", "packed"]
     assert gen.decode_kernel_form(model.params, 4, gen.PACKED_FROM_TOKENS) == "packed"
+
+
+def test_vector_lanes_follow_the_build():
+    wide = build.cpu_has("avx512f") and "-mno-avx512f" not in build.compiler_flags()
+    assert decode_matmul.vector_lanes() == (16 if wide else 8)
+
+
+def test_generate_keeps_the_tokens_in_every_form(hf_checkpoints):
+    """Stacked weights in place (no copy of a layer's weights in the program), packed panels and
+    XLA's products give the same tokens (and transformers': test_generate.py)."""
+    folder, _, hf_config = hf_checkpoints("clip-llama-mha")
+    model = vj.load(folder, progress=False)
+    batch = hf_factory.make_batch(hf_config, hf_factory.image_size("clip-llama-mha"), padding="left")
     text = model.config.text
     mlp_kernel = re.compile(rf"= f32\[(1,)?({text.hidden_size},{text.intermediate_size}|"
                             rf"{text.intermediate_size},{text.hidden_size})\]")
@@ -152,3 +173,17 @@ def test_switched_off_kernels_mean_xla_products(monkeypatch, hf_checkpoints):
     assert gen.decode_kernel_form(model.params, 4) is None
     with pytest.raises(RuntimeError, match="not available"):
         decode_matmul.matmul(jnp.zeros((2, 8)), decode_matmul.pack(jnp.zeros((8, 16)), 1))
+
+
+@pytest.mark.skipif(not build.cpu_has("avx512f"), reason="only an AVX-512 machine builds both vector widths")
+def test_the_eight_lane_build_agrees_too(tmp_path):
+    """On an AVX-512 machine the stacked kernel runs column strips of 16-lane vectors; built with
+    -mno-avx512f (VLM_JAX_CXXFLAGS) it takes the row-block path of AVX2 machines. The reference
+    tests pass with that build too (a subprocess: a kernel is registered once per process)."""
+    env = dict(os.environ, VLM_JAX_CXXFLAGS="-mno-avx512f", VLM_JAX_CACHE=str(tmp_path / "cache"))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                             "float64_reference or vector_lanes"], env=env, capture_output=True, text=True,
+                            cwd=os.path.dirname(__file__))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
+    assert list((tmp_path / "cache" / "kernels").glob("decode_matmul-*.so"))

@@ -188,16 +188,19 @@ def decode_kernel_form(params: dict, batch: int, new_tokens: int | None = None) 
     at about half the memory speed for 2-8 rows, and generate had to copy them out of their stack
     first. "stacked" reads the stacked weights in place; "packed" copies them once per call into
     column panels, which that kernel reads faster and more steadily for more rows (at 4 rows
-    the stacked form swung between level and 12% slower per step). So: stacked for 1-2 rows, and
-    for 3-4 rows unless `new_tokens` (None: unknown) reaches PACKED_FROM_TOKENS, which repays
-    the copy; packed for 5-8 rows. None: XLA's products on per-layer copies (more rows, other
-    devices, sharded or non-float32 parameters; the kernels are not partitioned). Chosen by
-    timing generate on the CPU preset (benchmarks/RESULTS.md)."""
+    the stacked form swung between level and 12% slower per step). So, with AVX2 kernels: stacked
+    for 1-2 rows, and for 3-4 rows unless `new_tokens` (None: unknown) reaches PACKED_FROM_TOKENS,
+    which repays the copy; packed for 5-8 rows. With AVX-512 kernels (decode_matmul.vector_lanes()
+    16) the stacked kernel keeps its accumulators in registers and is as fast as the panels for
+    1-8 rows: stacked always. None: XLA's products on per-layer copies (more rows, other devices,
+    sharded or non-float32 parameters; the kernels are not partitioned). Chosen by timing
+    generate on the CPU preset (benchmarks/RESULTS.md)."""
     text = params["language_model"]["embed_tokens"]["embedding"]
     if not (1 <= batch <= decode_matmul.MAX_ROWS and text.dtype == jnp.float32 and _on_one_cpu(params)
             and decode_matmul.available()):
         return None
-    if batch <= 2 or (batch <= 4 and new_tokens is not None and new_tokens < PACKED_FROM_TOKENS):
+    if decode_matmul.vector_lanes() >= 16 or batch <= 2 or (
+            batch <= 4 and new_tokens is not None and new_tokens < PACKED_FROM_TOKENS):
         return "stacked"
     return "packed"
 

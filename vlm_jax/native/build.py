@@ -95,6 +95,10 @@ class CpuKernelLibrary:
                 raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
             os.replace(built, target)
 
+    def c_function(self, symbol: str):
+        """A plain C function the library exports (ctypes), once `available()`; None if it is not."""
+        return getattr(self._status["library"], symbol) if self.available() else None
+
     def available(self) -> bool:
         """Builds (once per machine, cached), loads and registers the kernel; False if it cannot."""
         with self._lock:

@@ -9,10 +9,10 @@ up to 8 rows (more in passes of 8), in one of two forms that stand in the parame
 kernel array was:
 
 - `StackedKernel`: layer i of a stacked kernel [L, *in, *out], read where it is: no copy at all.
-  generate uses it for 1-2 rows.
 - `PackedKernel`: a kernel copied once into column panels [P, In, 16] (`pack`), which the kernel
-  streams once for all rows: faster per product for many rows (at 4 rows ~15%; at 8, ~1.4x),
-  for a copy of every weight per generate call. generate uses it for 3-8 rows.
+  streams once for all rows. With AVX2 vectors it is faster per product for many rows (at 4 rows
+  ~15%; at 8, ~1.4x), for a copy of every weight per generate call; with AVX-512 the stacked
+  kernel is as fast (`vector_lanes`). generate.decode_kernel_form picks the form.
 
 layers._project and text_decoder.unembed multiply with either (`matmul`). Inference only: they
 have no gradient. benchmarks/RESULTS.md has the measurements.
@@ -70,6 +70,13 @@ class PackedKernel(_KernelForm):
 jax.tree_util.register_dataclass(StackedKernel, data_fields=["stack"], meta_fields=["layer", "in_shape", "out_shape"])
 jax.tree_util.register_dataclass(PackedKernel, data_fields=["panels"], meta_fields=["in_shape", "out_shape"])
 KERNEL_FORMS = (StackedKernel, PackedKernel)
+
+
+def vector_lanes() -> int:
+    """The lanes of the kernels' vectors as built for this machine: 16 with AVX-512, else 8; 0
+    where the kernels are not available."""
+    lanes = LIBRARY.c_function("VlmJaxDecodeMatmulVectorLanes")
+    return int(lanes()) if lanes is not None else 0
 
 
 def available() -> bool:
