@@ -3,19 +3,16 @@ path (attention._blocked_attention_forward with the kernel off), and where atten
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import hf_factory
+import kernel_builds
 import vlm_jax as vj
-from vlm_jax.nn import attention as A
 from vlm_jax.native import build
+from vlm_jax.nn import attention as A
 from vlm_jax.nn import cpu_attention
 
 pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="the CPU attention kernel cannot be built here")
@@ -178,19 +175,13 @@ def test_switched_off_kernel_means_xla_attention(monkeypatch):
         cpu_attention.blocked_attention_forward(*inputs(1, 2, 1, 4, 8), None, 1.0, 2)
 
 
-@pytest.mark.skipif(not build.cpu_has("avx512f"), reason="only an AVX-512 machine builds both vector widths")
+@pytest.mark.skipif(not kernel_builds.both_widths_here(), reason=kernel_builds.SKIP_REASON)
 def test_the_eight_lane_build_agrees_too(tmp_path):
     """On an AVX-512 machine the kernels use 16-lane vectors and 12-row tiles; built with
-    -mno-avx512f (VLM_JAX_CXXFLAGS) they use the 8-lane, 6-row form every AVX2 machine runs. The
-    equality tests pass with that build too (a subprocess: the kernel is registered once per
-    process), for the head sizes and tiles of both forms."""
-    env = dict(os.environ, VLM_JAX_CXXFLAGS="-mno-avx512f", VLM_JAX_CACHE=str(tmp_path / "cache"))
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                             "equals and (per-sequence or left-padded)"], env=env, capture_output=True, text=True,
-                            cwd=os.path.dirname(__file__))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "failed" not in result.stdout
-    assert list((tmp_path / "cache" / "kernels").glob("blocked_attention-*.so"))  # it did build its own
+    -mno-avx512f they use the 8-lane, 6-row form every AVX2 machine runs. The equality tests pass
+    with that build too, for the head sizes and tiles of both forms."""
+    kernel_builds.check_eight_lane_build(__file__, "equals and (per-sequence or left-padded)", "blocked_attention",
+                                         tmp_path / "cache")
 
 
 def test_extra_compiler_flags_change_the_cached_library(monkeypatch):

@@ -3,10 +3,7 @@ place and weights packed in column panels, and their use in generate."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +11,7 @@ import numpy as np
 import pytest
 
 import hf_factory
+import kernel_builds
 import vlm_jax as vj
 from vlm_jax import generate as gen
 from vlm_jax.models import layers, text_decoder
@@ -175,15 +173,10 @@ def test_switched_off_kernels_mean_xla_products(monkeypatch, hf_checkpoints):
         decode_matmul.matmul(jnp.zeros((2, 8)), decode_matmul.pack(jnp.zeros((8, 16)), 1))
 
 
-@pytest.mark.skipif(not build.cpu_has("avx512f"), reason="only an AVX-512 machine builds both vector widths")
+@pytest.mark.skipif(not kernel_builds.both_widths_here(), reason=kernel_builds.SKIP_REASON)
 def test_the_eight_lane_build_agrees_too(tmp_path):
     """On an AVX-512 machine the stacked kernel runs column strips of 16-lane vectors; built with
-    -mno-avx512f (VLM_JAX_CXXFLAGS) it takes the row-block path of AVX2 machines. The reference
-    tests pass with that build too (a subprocess: a kernel is registered once per process)."""
-    env = dict(os.environ, VLM_JAX_CXXFLAGS="-mno-avx512f", VLM_JAX_CACHE=str(tmp_path / "cache"))
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                             "float64_reference or vector_lanes"], env=env, capture_output=True, text=True,
-                            cwd=os.path.dirname(__file__))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "failed" not in result.stdout
-    assert list((tmp_path / "cache" / "kernels").glob("decode_matmul-*.so"))
+    -mno-avx512f it takes the row-block path of AVX2 machines. The reference tests pass with that
+    build too."""
+    kernel_builds.check_eight_lane_build(__file__, "float64_reference or vector_lanes", "decode_matmul",
+                                         tmp_path / "cache")

@@ -6,15 +6,13 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlm_jax.native import build
+import kernel_builds
 from vlm_jax.probe import cpu_kernel, linear
 from vlm_jax.probe.linear import _fit_logistic_layers, evaluate, fit_logistic
 
@@ -158,15 +156,8 @@ def test_the_kernel_can_be_switched_off(monkeypatch):
     assert not linear._kernel_applies(jnp.zeros((1, 4, 3), jnp.float32))
 
 
-@pytest.mark.skipif(not build.cpu_has("avx512f"), reason="only an AVX-512 machine builds both vector widths")
+@pytest.mark.skipif(not kernel_builds.both_widths_here(), reason=kernel_builds.SKIP_REASON)
 def test_the_eight_lane_build_agrees_too(tmp_path):
-    """On an AVX-512 machine the products run on 16-lane vectors; built with -mno-avx512f
-    (VLM_JAX_CXXFLAGS) the kernel takes the 8-lane path of AVX2 machines. The reference tests pass
-    with that build too (in a subprocess: a kernel is registered once per process)."""
-    env = dict(os.environ, VLM_JAX_CXXFLAGS="-mno-avx512f", VLM_JAX_CACHE=str(tmp_path / "cache"))
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                             "reference or xla_products"], env=env, capture_output=True, text=True,
-                            cwd=os.path.dirname(__file__))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "failed" not in result.stdout
-    assert list((tmp_path / "cache" / "kernels").glob("logistic_probe-*.so"))
+    """On an AVX-512 machine the products run on 16-lane vectors; built with -mno-avx512f the
+    kernel takes the 8-lane path of AVX2 machines. The reference tests pass with that build too."""
+    kernel_builds.check_eight_lane_build(__file__, "reference or xla_products", "logistic_probe", tmp_path / "cache")

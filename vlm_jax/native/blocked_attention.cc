@@ -130,9 +130,13 @@ using ScoreFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, 
 using SumFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t);
 // the tile functions for 1 .. kTileRows rows, indexed by rows - 1
 template <std::size_t... I>
-constexpr std::array<ScoreFn, kTileRows> score_fns(std::index_sequence<I...>) { return {score_tile<I + 1>...}; }
+constexpr std::array<ScoreFn, kTileRows> score_fns(std::index_sequence<I...>) {
+  return {score_tile<I + 1>...};
+}
 template <std::size_t... I>
-constexpr std::array<SumFn, kTileRows> sum_fns(std::index_sequence<I...>) { return {weighted_sum_tile<I + 1>...}; }
+constexpr std::array<SumFn, kTileRows> sum_fns(std::index_sequence<I...>) {
+  return {weighted_sum_tile<I + 1>...};
+}
 constexpr auto kScoreFns = score_fns(std::make_index_sequence<kTileRows>());
 constexpr auto kSumFns = sum_fns(std::make_index_sequence<kTileRows>());
 

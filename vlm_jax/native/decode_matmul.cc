@@ -91,8 +91,8 @@ void strip_rows(const float* x, int64_t k_len, const float* w, int64_t n_cols, f
   lanes acc[M][V] = {};
   for (int64_t k = 0; k < k_len; ++k) {
     const float* row = w + k * n_cols;
-    if (k + kPrefetchRows < k_len)
-      for (int j = 0; j < V * N; j += 16) __builtin_prefetch(row + kPrefetchRows * n_cols + j);  // a line: 16 floats
+    if (k + kPrefetchRows < k_len)  // every line (16 floats) of the strip's row kPrefetchRows ahead
+      for (int j = 0; j < V * N; j += 16) __builtin_prefetch(row + kPrefetchRows * n_cols + j);
     lanes r[V];
     for (int j = 0; j < V; ++j) r[j] = load<N>(row + j * N);
     for (int m = 0; m < M; ++m) {

@@ -223,87 +223,72 @@ inline void logits_tile(const Problem& p, int64_t j, int count, vec* z) {
 #endif
 }
 
-// gq[q, kk, pair] += sum_t quad(x[j + t, 4q:4q+4]) * gp[t, kk, pair] for `quads` feature quads at a
+// How the gradient's register tile reads the pair layout: as 4 pair vectors of 8 lanes, or with
+// AVX-512 as 2 class-quad vectors of 16 lanes; x(p) loads a feature quad to multiply them with.
+struct PairBlocks {
+  using type = vec;
+  static constexpr int kBlocks = 4;
+  static type x(const float* p) { return quad(p); }
+  static type get(const vec* pairs, int b) { return pairs[b]; }
+  static void put(vec* pairs, int b, type v) { pairs[b] = v; }
+};
+#if defined(__AVX512F__)
+struct QuadBlocks {
+  using type = wide;
+  static constexpr int kBlocks = 2;
+  static type x(const float* p) { return quad_x4(p); }
+  static type get(const vec* pairs, int b) { return load_quad(pairs + 2 * b); }
+  static void put(vec* pairs, int b, type v) { store_quad(pairs + 2 * b, v); }
+};
+using GradientBlocks = QuadBlocks;
+constexpr int kTileQuads = kWideGradientQuads;
+#else
+using GradientBlocks = PairBlocks;
+constexpr int kTileQuads = kGradientQuads;
+#endif
+
+// gq[q, kk, :] += sum_t quad(x[j + t, 4q:4q+4]) * gp[t, kk, :] for `quads` feature quads at a
 // time, over `count` examples; gp holds each example's d loss / d logits in the pair layout
-template <int quads, int count>
+template <class Blocks, int quads, int count>
 __attribute__((noinline)) void gradient_quads(const float* __restrict__ x, int64_t x_stride,
                                               const vec* __restrict__ g, int64_t g_stride, vec* __restrict__ out,
                                               int64_t out_stride) {
-  vec acc[quads][4];
-#pragma GCC unroll 4
+  constexpr int kBlocks = Blocks::kBlocks;
+  typename Blocks::type acc[quads][kBlocks];
+#pragma GCC unroll 8
   for (int qi = 0; qi < quads; ++qi)
 #pragma GCC unroll 4
-    for (int pair = 0; pair < 4; ++pair) acc[qi][pair] = out[qi * out_stride + pair];
+    for (int b = 0; b < kBlocks; ++b) acc[qi][b] = Blocks::get(out + qi * out_stride, b);
 #pragma GCC unroll 8
   for (int t = 0; t < count; ++t, x += x_stride, g += g_stride) {
-    vec xq[quads];
-#pragma GCC unroll 4
-    for (int qi = 0; qi < quads; ++qi) xq[qi] = quad(x + 4 * qi);
-#pragma GCC unroll 4
-    for (int pair = 0; pair < 4; ++pair) {
-      vec gv = g[pair];
-      in_register(gv);
-#pragma GCC unroll 4
-      for (int qi = 0; qi < quads; ++qi) acc[qi][pair] += xq[qi] * gv;
-    }
-  }
-#pragma GCC unroll 4
-  for (int qi = 0; qi < quads; ++qi)
-#pragma GCC unroll 4
-    for (int pair = 0; pair < 4; ++pair) out[qi * out_stride + pair] = acc[qi][pair];
-}
-
-#if defined(__AVX512F__)
-// gradient_quads on 16-lane vectors: `quads` feature quads x 2 class quads of accumulators
-template <int quads, int count>
-__attribute__((noinline)) void gradient_quads_wide(const float* __restrict__ x, int64_t x_stride,
-                                                   const vec* __restrict__ g, int64_t g_stride,
-                                                   vec* __restrict__ out, int64_t out_stride) {
-  wide acc[quads][2];
+    typename Blocks::type xq[quads];
 #pragma GCC unroll 8
-  for (int qi = 0; qi < quads; ++qi) {
-    acc[qi][0] = load_quad(out + qi * out_stride);
-    acc[qi][1] = load_quad(out + qi * out_stride + 2);
-  }
-#pragma GCC unroll 8
-  for (int t = 0; t < count; ++t, x += x_stride, g += g_stride) {
-    wide xq[quads];
-#pragma GCC unroll 8
-    for (int qi = 0; qi < quads; ++qi) xq[qi] = quad_x4(x + 4 * qi);
-#pragma GCC unroll 2
-    for (int r = 0; r < 2; ++r) {
-      wide gv = load_quad(g + 2 * r);
+    for (int qi = 0; qi < quads; ++qi) xq[qi] = Blocks::x(x + 4 * qi);
+#pragma GCC unroll 4
+    for (int b = 0; b < kBlocks; ++b) {
+      typename Blocks::type gv = Blocks::get(g, b);
       in_register(gv);
 #pragma GCC unroll 8
-      for (int qi = 0; qi < quads; ++qi) acc[qi][r] += xq[qi] * gv;
+      for (int qi = 0; qi < quads; ++qi) acc[qi][b] += xq[qi] * gv;
     }
   }
 #pragma GCC unroll 8
-  for (int qi = 0; qi < quads; ++qi) {
-    store_quad(out + qi * out_stride, acc[qi][0]);
-    store_quad(out + qi * out_stride + 2, acc[qi][1]);
-  }
+  for (int qi = 0; qi < quads; ++qi)
+#pragma GCC unroll 4
+    for (int b = 0; b < kBlocks; ++b) Blocks::put(out + qi * out_stride, b, acc[qi][b]);
 }
-#endif
 
 // gq[q, kk, :] += sum_t quad(x[j + t, 4q:4q+4]) * gp[t, kk, :] for every whole feature quad q
 template <int count>
 inline void gradient_features(const Problem& p, int64_t j, int64_t kk, const vec* gp, vec* gq) {
   const int64_t stride = p.k * 4;
   int64_t q = 0;
-#if defined(__AVX512F__)
-  for (; q + kWideGradientQuads <= p.q; q += kWideGradientQuads)
-    gradient_quads_wide<kWideGradientQuads, count>(p.x + j * p.d + 4 * q, p.d, gp + kk * 4, stride,
-                                                   gq + (q * p.k + kk) * 4, stride);
+  for (; q + kTileQuads <= p.q; q += kTileQuads)
+    gradient_quads<GradientBlocks, kTileQuads, count>(p.x + j * p.d + 4 * q, p.d, gp + kk * 4, stride,
+                                                      gq + (q * p.k + kk) * 4, stride);
   for (; q < p.q; ++q)
-    gradient_quads_wide<1, count>(p.x + j * p.d + 4 * q, p.d, gp + kk * 4, stride, gq + (q * p.k + kk) * 4, stride);
-#else
-  for (; q + kGradientQuads <= p.q; q += kGradientQuads)
-    gradient_quads<kGradientQuads, count>(p.x + j * p.d + 4 * q, p.d, gp + kk * 4, stride, gq + (q * p.k + kk) * 4,
-                                          stride);
-  for (; q < p.q; ++q)
-    gradient_quads<1, count>(p.x + j * p.d + 4 * q, p.d, gp + kk * 4, stride, gq + (q * p.k + kk) * 4, stride);
-#endif
+    gradient_quads<GradientBlocks, 1, count>(p.x + j * p.d + 4 * q, p.d, gp + kk * 4, stride, gq + (q * p.k + kk) * 4,
+                                             stride);
 }
 
 inline void gradient_tile(const Problem& p, int64_t j, int count, const vec* g, vec* gp, Partial& out) {
