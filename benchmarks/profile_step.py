@@ -165,7 +165,7 @@ def decode_step(model, batch: int, slots: int = 672, slot: int = 630):
 
     def step(params, cache, token):  # greedy
         logits, cache = gen.decode_forward(params, config, token, position, cache, jnp.int32(slot), key_valid)
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
+        return gen.greedy_token(logits), cache
 
     program = jax.jit(step, donate_argnums=1, compiler_options=gen.compiler_options(model.params)).lower(
         params, state["cache"], state["token"]).compile()

@@ -158,6 +158,19 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(hf_checkpoints):
     assert not np.array_equal(a, c)
 
 
+def test_greedy_token_is_argmax_with_its_ties_and_nans():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((5, 300)).astype(np.float32)
+    logits[1, [7, 200]] = 10.0  # a tie: the first index
+    logits[2, [3, 50]] = np.nan  # NaN: the first NaN, as jnp.argmax
+    logits[3, :] = -np.inf
+    logits[4, -1] = np.inf
+    got = jax.jit(gen.greedy_token)(jnp.asarray(logits))
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, jnp.argmax(jnp.asarray(logits), axis=-1))
+    np.testing.assert_array_equal(got[1:3], [7, 3])
+
+
 def test_top_p_keeps_the_nucleus_only():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
     sampling = gen.Sampling(do_sample=True, top_p=0.7)

@@ -32,11 +32,22 @@ class Sampling:
     top_p: float = 1.0  # 1.0 = off
 
 
+def greedy_token(logits: jax.Array) -> jax.Array:
+    """jnp.argmax(logits, axis=-1) as int32 [B] for logits [B, V]: the first index of the maximum,
+    or of the first NaN. Computed as a max, then the least index that holds it: two plain
+    reductions, where XLA CPU's argmax (one reduction over value-index pairs) took 580 us for 4 x
+    32064 logits against 105 us, ~7% of a batch-4 decode step on the CPU preset."""
+    top = jnp.max(logits, axis=-1, keepdims=True)  # NaN if any logit is NaN
+    hit = (logits == top) | jnp.isnan(logits)
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
+
+
 def choose_token(logits: jax.Array, sampling: Sampling, rng: jax.Array) -> jax.Array:
     """Next token [B] from logits [B, V]."""
     logits = logits.astype(jnp.float32)
     if not sampling.do_sample:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy_token(logits)
     if sampling.temperature != 1.0:
         logits = logits / sampling.temperature
     neg = jnp.finfo(jnp.float32).min
