@@ -74,8 +74,9 @@ class CpuKernelLibrary:
         """Where the compiled library for this machine is (or will be) cached."""
         key = hashlib.sha256()
         headers = sorted(FOLDER.glob("*.h"))
-        for part in (self.source.read_bytes(), *(h.read_bytes() for h in headers), " ".join(compiler_flags()).encode(),
-                     jaxlib.__version__.encode(), _cpu_signature().encode(), os.environ.get("CXX", "c++").encode()):
+        for part in (self.source.read_bytes(), *(h.read_bytes() for h in headers),
+                     " ".join(compiler_flags()).encode(), jaxlib.__version__.encode(), _cpu_signature().encode(),
+                     os.environ.get("CXX", "c++").encode()):
             key.update(part)
             key.update(b"\0")
         cache = Path(os.environ.get("VLM_JAX_CACHE", Path.home() / ".cache" / "vlm_jax"))
@@ -89,7 +90,8 @@ class CpuKernelLibrary:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             built = Path(scratch) / target.name
-            command = [compiler, *compiler_flags(), f"-I{jax.ffi.include_dir()}", f"-I{FOLDER}", str(self.source), "-o", str(built)]
+            command = [compiler, *compiler_flags(), f"-I{jax.ffi.include_dir()}", f"-I{FOLDER}", str(self.source),
+                       "-o", str(built)]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
                 raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
