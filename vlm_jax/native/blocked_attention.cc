@@ -38,6 +38,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -92,6 +93,23 @@ void score_tile(const float* q, int64_t q_stride, int64_t e_len, const float* kt
   }
 }
 
+// Calls fn(lanes, vectors, e0) for the chunks that cover a head's e_len values (a multiple of 8),
+// lanes and vectors as std::integral_constant: pairs of widest vectors, then one, then (16-lane
+// vectors, E = 8 mod 16) a last eight values.
+template <class Fn>
+inline void over_head_values(int64_t e_len, Fn fn) {
+  using wide = std::integral_constant<int, kW>;
+  using eight = std::integral_constant<int, 8>;
+  using one = std::integral_constant<int, 1>;
+  int64_t e0 = 0;
+  for (; e0 + 2 * kW <= e_len; e0 += 2 * kW) fn(wide(), std::integral_constant<int, 2>(), e0);
+  if (e0 + kW <= e_len) {
+    fn(wide(), one(), e0);
+    e0 += kW;
+  }
+  if (e0 < e_len) fn(eight(), one(), e0);
+}
+
 // out[m, 0:V*N] = row_scale[m] sum_{s < kend} probs[m, s] v[s, 0:V*N] for M rows, with V vectors
 // of N lanes per row: probs row stride kpad, v rows at stride v_stride, out rows at stride out_stride.
 template <int M, int N, int V>
@@ -115,15 +133,10 @@ void weighted_sum_columns(const float* probs, int64_t kpad, int64_t kend, const 
 template <int M>
 void weighted_sum_tile(const float* probs, int64_t kpad, int64_t kend, const float* v, int64_t v_stride,
                        int64_t e_len, const float* row_scale, float* out, int64_t out_stride) {
-  int64_t e0 = 0;
-  for (; e0 + 2 * kW <= e_len; e0 += 2 * kW)
-    weighted_sum_columns<M, kW, 2>(probs, kpad, kend, v + e0, v_stride, row_scale, out + e0, out_stride);
-  if (e0 + kW <= e_len) {
-    weighted_sum_columns<M, kW, 1>(probs, kpad, kend, v + e0, v_stride, row_scale, out + e0, out_stride);
-    e0 += kW;
-  }
-  if (e0 < e_len)  // a last eight values (16-lane vectors, E = 8 mod 16)
-    weighted_sum_columns<M, 8, 1>(probs, kpad, kend, v + e0, v_stride, row_scale, out + e0, out_stride);
+  over_head_values(e_len, [&](auto lanes, auto vectors, int64_t e0) {
+    weighted_sum_columns<M, decltype(lanes)::value, decltype(vectors)::value>(probs, kpad, kend, v + e0, v_stride,
+                                                                              row_scale, out + e0, out_stride);
+  });
 }
 
 using ScoreFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float, float*);
@@ -383,20 +396,17 @@ void rank_update_columns(const float* coef, int64_t width, int64_t keys, const f
 template <int M>
 void rank_update(const float* coef, int64_t width, int64_t keys, const float* rows, int64_t row_stride,
                  int64_t e_len, float* acc) {
-  int64_t e0 = 0;
-  for (; e0 + 2 * kW <= e_len; e0 += 2 * kW)
-    rank_update_columns<M, kW, 2>(coef, width, keys, rows + e0, row_stride, e_len, acc + e0);
-  if (e0 + kW <= e_len) {
-    rank_update_columns<M, kW, 1>(coef, width, keys, rows + e0, row_stride, e_len, acc + e0);
-    e0 += kW;
-  }
-  if (e0 < e_len)  // a last eight values (16-lane vectors, E = 8 mod 16)
-    rank_update_columns<M, 8, 1>(coef, width, keys, rows + e0, row_stride, e_len, acc + e0);
+  over_head_values(e_len, [&](auto lanes, auto vectors, int64_t e0) {
+    rank_update_columns<M, decltype(lanes)::value, decltype(vectors)::value>(coef, width, keys, rows + e0, row_stride,
+                                                                             e_len, acc + e0);
+  });
 }
 
 using UpdateFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*);
 template <std::size_t... I>
-constexpr std::array<UpdateFn, kTileRows> update_fns(std::index_sequence<I...>) { return {rank_update<I + 1>...}; }
+constexpr std::array<UpdateFn, kTileRows> update_fns(std::index_sequence<I...>) {
+  return {rank_update<I + 1>...};
+}
 constexpr auto kUpdateFns = update_fns(std::make_index_sequence<kTileRows>());
 
 ffi::Error BlockedAttentionBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,

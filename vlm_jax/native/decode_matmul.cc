@@ -78,8 +78,8 @@ void panel_rows(const float* x, int64_t k_len, const float* panel, float* y, int
 // kStripVectors vectors, and each strip goes down all K rows with its M x kStripVectors
 // accumulators in registers, a software prefetch kPrefetchRows rows ahead. The row blocks below
 // load and store every accumulator once per 8 rows, and reload the broadcasts, which bounded them
-// there (4 rows of the CPU preset's weights: 3.87 -> 3.25-3.35 ms, as fast as the panels; one
-// row level; 8 rows 4.7 -> 3.6 ms).
+// there (the CPU preset's weights: 4 rows 3.81-3.93 -> 3.25-3.42 ms, as fast as the panels; one
+// row level; 8 rows 4.7-6.4 -> 3.17 ms).
 constexpr int kW = vlm_jax_native::kWideLanes;
 constexpr int64_t kPrefetchRows = 16;
 
