@@ -108,7 +108,7 @@ def test_profile_script_runs_a_decode_step(tmp_path):
     assert abs(sum(float(r[-1].rstrip("%")) for r in rows.values()) - 100) < 0.5
 
 
-def test_profile_script_runs_generates_prefill(tmp_path):
+def test_profile_script_runs_the_prefill(tmp_path):
     """The prefill workload on a tiny model: the vision tower, the decoder's MLP and attention in
     the table, forward only."""
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "profile_step.py"), "--tiny", "--workload", "prefill",
