@@ -11,6 +11,15 @@ from typing import Callable
 
 import numpy as np
 
+from vlm_jax import host_memory
+
+
+def use_huge_pages() -> None:
+    """Restarts the script with malloc on huge pages where it is not yet (host_memory): every
+    script times vlm_jax and PyTorch in one process, so both get the same allocator.
+    VLM_JAX_HUGE_PAGES=0 (run_all.py --plain-malloc) measures with plain malloc."""
+    host_memory.restart_with_huge_pages()
+
 
 def workload_parser(doc: str, repeats: int) -> argparse.ArgumentParser:
     """The options every model workload script takes: --batches, --repeats, --workdir (where
@@ -86,7 +95,7 @@ def machine() -> str:
     import jax
 
     return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, Python {platform.python_version()}, "
-            f"jax {jax.__version__} ({jax.default_backend()})")
+            f"jax {jax.__version__} ({jax.default_backend()}), {host_memory.status()}")
 
 
 def forward_flops(cfg, batch: int, tokens: int, images: int, logit_positions: int | None = None,

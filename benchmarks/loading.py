@@ -21,6 +21,8 @@ import subprocess
 import sys
 import textwrap
 
+from vlm_jax import host_memory
+
 CHILD = textwrap.dedent("""
     import json, os, sys, time
     def status(key):
@@ -96,7 +98,7 @@ def main() -> None:
         rows.append((label, statistics.median(r["seconds"] for r in runs), peak_over / size,
                      statistics.median(r["peak"] for r in runs) / 2**30))
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; "
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, {host_memory.status()}; "
           f"checkpoint: {size / 2**30:.2f} GiB float32 safetensors; median of {args.repeats} fresh processes")
     print("| loader | load time (s) | peak RSS over baseline / checkpoint size | peak RSS (GiB) |")
     print("|---|---|---|---|")

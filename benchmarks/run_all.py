@@ -19,7 +19,9 @@ libraries agree before it times anything):
 TransformerLens and nnsight are timed by interp_tools.py (the runner first reports whether each
 is installed); the other scripts compare vlm_jax with transformers alone.
 
-Each script's output is printed and, with --out, saved as <out>/<script>.txt.
+Each script's output is printed and, with --out, saved as <out>/<script>.txt. The scripts run
+with malloc on huge pages where the machine has them (vlm_jax/host_memory.py; both libraries
+share each script's process); --plain-malloc runs them without.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import os
 import subprocess
 import sys
 import time
+
+from vlm_jax import host_memory
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -68,7 +72,10 @@ def main() -> int:
     parser.add_argument("--only", nargs="+", choices=[name for name, _ in FULL])
     parser.add_argument("--out", help="folder for each script's output")
     parser.add_argument("--workdir", default="/tmp/vlm_jax_bench", help="where the benchmark model is written")
+    parser.add_argument("--plain-malloc", action="store_true",
+                        help="run the scripts with glibc's plain malloc, not on huge pages (vlm_jax/host_memory.py)")
     args = parser.parse_args()
+    env = dict(os.environ, VLM_JAX_HUGE_PAGES="0") if args.plain_malloc else host_memory.environment()
     for tool in ("transformer_lens", "nnsight"):
         found = importlib.util.find_spec(tool) is not None
         print(f"{tool}: {'installed (timed by interp_tools)' if found else 'not installed'}")
@@ -86,7 +93,7 @@ def main() -> int:
             cmd += ["--workdir", args.workdir]
         print(f"\n===== {name}: {' '.join(cmd[1:])}", flush=True)
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         print(proc.stdout, end="")
         if proc.returncode:
             print(proc.stderr[-3000:], file=sys.stderr)
