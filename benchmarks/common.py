@@ -14,11 +14,11 @@ import numpy as np
 from vlm_jax import host_memory
 
 
-def use_huge_pages() -> None:
-    """Restarts the script with malloc on huge pages where it is not yet (host_memory): every
+def use_malloc_tunables() -> None:
+    """Restarts the script with vlm_jax.host_memory's malloc tunables where it has none yet: every
     script times vlm_jax and PyTorch in one process, so both get the same allocator.
-    VLM_JAX_HUGE_PAGES=0 (run_all.py --plain-malloc) measures with plain malloc."""
-    host_memory.restart_with_huge_pages()
+    VLM_JAX_MALLOC_TUNABLES=0 (run_all.py --plain-malloc) measures with plain malloc."""
+    host_memory.restart_with_tunables()
 
 
 def workload_parser(doc: str, repeats: int) -> argparse.ArgumentParser:

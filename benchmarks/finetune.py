@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, matmul_peak, train_step_flops, use_huge_pages  # noqa: E402
+from common import machine, matmul_peak, train_step_flops, use_malloc_tunables  # noqa: E402
 from interp import build_model, make_inputs  # noqa: E402
 
 from vlm_jax.models.layers import REMAT_POLICIES  # noqa: E402
@@ -117,7 +117,7 @@ def torch_step_fn(model, params, data):
 
 
 def main() -> None:
-    use_huge_pages()
+    use_malloc_tunables()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=2)

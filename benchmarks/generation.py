@@ -29,12 +29,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import (  # noqa: E402
-    generation_floor, generation_flops, machine, matmul_peak, stream_peak, timed, use_huge_pages, workload_parser)
+    generation_floor, generation_flops, machine, matmul_peak, stream_peak, timed, use_malloc_tunables, workload_parser)
 from interp import build_model, make_inputs  # noqa: E402
 
 
 def main() -> None:
-    use_huge_pages()
+    use_malloc_tunables()
     parser = workload_parser(__doc__, repeats=3)
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[32, 128],
                         help="generation lengths to time (each against the same 1-token runs)")

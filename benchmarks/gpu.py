@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import (  # noqa: E402
-    forward_flops, generation_flops, lens_flops, machine, timed, train_step_flops, use_huge_pages)
+    forward_flops, generation_flops, lens_flops, machine, timed, train_step_flops, use_malloc_tunables)
 from finetune import ANSWER, batch_arrays, lora_torch, torch_step_fn  # noqa: E402
 from interp import hf_lens, jax_workloads, make_inputs, prepare, rel_err  # noqa: E402
 from interp_tools import stack_tops  # noqa: E402
@@ -98,7 +98,7 @@ def on_device(t_inputs: dict, device, dtype) -> dict:
 
 
 def main() -> None:
-    use_huge_pages()
+    use_malloc_tunables()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a tiny model: a smoke run of this script")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"),

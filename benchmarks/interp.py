@@ -25,7 +25,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import forward_flops, lens_flops, machine, matmul_peak, timed, use_huge_pages, workload_parser  # noqa: E402
+from common import forward_flops, lens_flops, machine, matmul_peak, timed, use_malloc_tunables, workload_parser  # noqa: E402
 
 PRESET = "llava-1.5-cpu-60m"
 
@@ -169,7 +169,7 @@ def hf_sweep(hf, t_inputs: dict, image_mask) -> list:
 
 
 def main() -> None:
-    use_huge_pages()
+    use_malloc_tunables()
     parser = workload_parser(__doc__, repeats=5)
     args = parser.parse_args()
 

@@ -39,7 +39,7 @@ from typing import Callable
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, timed, use_huge_pages, workload_parser  # noqa: E402
+from common import machine, timed, use_malloc_tunables, workload_parser  # noqa: E402
 from interp import (  # noqa: E402
     build_model, hf_lens, hf_sweep, jax_sweep, jax_workloads, lens_top5, make_inputs, prepare, rel_err,
     slow_repeats, sweep_edits)
@@ -451,7 +451,7 @@ def tool_versions() -> str:
 
 
 def main() -> int:
-    use_huge_pages()
+    use_malloc_tunables()
     parser = workload_parser(__doc__, repeats=5)
     args = parser.parse_args()
     # everything is loaded from local folders: fail at once rather than wait on a network call

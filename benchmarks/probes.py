@@ -34,7 +34,7 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, matmul_peak, use_huge_pages  # noqa: E402
+from common import machine, matmul_peak, use_malloc_tunables  # noqa: E402
 
 
 def data(layers=33, n=4000, d=1024, classes=8, seed=0):
@@ -47,7 +47,7 @@ def data(layers=33, n=4000, d=1024, classes=8, seed=0):
 
 
 def main() -> None:
-    use_huge_pages()
+    use_malloc_tunables()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--select", action="store_true",

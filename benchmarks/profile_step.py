@@ -43,7 +43,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, use_huge_pages  # noqa: E402
+from common import machine, use_malloc_tunables  # noqa: E402
 from finetune import batch_arrays, compiled_step  # noqa: E402
 from interp import build_model, make_inputs  # noqa: E402
 
@@ -225,7 +225,7 @@ def build_workload(name: str, remat: str, batch: int, folder: str):
 
 
 def main() -> None:
-    use_huge_pages()
+    use_malloc_tunables()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", choices=("full", "lora", "forward", "prefill", "decode"), default="full")
     parser.add_argument("--remat", default="dots", help="TrainConfig.remat of the training workloads")

@@ -20,8 +20,9 @@ TransformerLens and nnsight are timed by interp_tools.py (the runner first repor
 is installed); the other scripts compare vlm_jax with transformers alone.
 
 Each script's output is printed and, with --out, saved as <out>/<script>.txt. The scripts run
-with malloc on huge pages where the machine has them (vlm_jax/host_memory.py; both libraries
-share each script's process); --plain-malloc runs them without.
+with vlm_jax/host_memory.py's malloc tunables (both libraries share each script's process), but
+loading.py, which measures peak memory, with glibc's defaults; --plain-malloc runs every script
+with the defaults.
 """
 
 from __future__ import annotations
@@ -73,9 +74,10 @@ def main() -> int:
     parser.add_argument("--out", help="folder for each script's output")
     parser.add_argument("--workdir", default="/tmp/vlm_jax_bench", help="where the benchmark model is written")
     parser.add_argument("--plain-malloc", action="store_true",
-                        help="run the scripts with glibc's plain malloc, not on huge pages (vlm_jax/host_memory.py)")
+                        help="run the scripts with glibc's default malloc (not vlm_jax/host_memory.py's tunables)")
     args = parser.parse_args()
-    env = dict(os.environ, VLM_JAX_HUGE_PAGES="0") if args.plain_malloc else host_memory.environment()
+    plain = dict(os.environ, VLM_JAX_MALLOC_TUNABLES="0")
+    tuned = plain if args.plain_malloc else host_memory.environment()
     for tool in ("transformer_lens", "nnsight"):
         found = importlib.util.find_spec(tool) is not None
         print(f"{tool}: {'installed (timed by interp_tools)' if found else 'not installed'}")
@@ -93,7 +95,7 @@ def main() -> int:
             cmd += ["--workdir", args.workdir]
         print(f"\n===== {name}: {' '.join(cmd[1:])}", flush=True)
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=plain if name == "loading" else tuned)
         print(proc.stdout, end="")
         if proc.returncode:
             print(proc.stderr[-3000:], file=sys.stderr)

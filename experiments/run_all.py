@@ -35,7 +35,7 @@ def main() -> int:
             cmd.append("--smoke")
         print(f"=== {study}: {' '.join(cmd)}", flush=True)
         start = time.perf_counter()
-        code = subprocess.call(cmd, env=host_memory.environment())  # malloc on huge pages: faster on CPU
+        code = subprocess.call(cmd, env=host_memory.environment())  # malloc reusing XLA's buffers: faster
         minutes = (time.perf_counter() - start) / 60
         summary.append((study, code, minutes))
         if code:

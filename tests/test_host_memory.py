@@ -1,4 +1,4 @@
-"""vlm_jax.host_memory: glibc's huge-page tunable for the processes vlm_jax starts, and its effect."""
+"""vlm_jax.host_memory: glibc malloc tunables for the processes vlm_jax starts, and their effect."""
 
 import os
 import subprocess
@@ -9,87 +9,79 @@ import pytest
 
 from vlm_jax import host_memory
 
-ON = {"glibc": (2, 36), "thp": "madvise"}
+GLIBC = (2, 36)
+OURS = ":".join(f"{name}={value}" for name, value in host_memory.TUNABLES.items())
 
 
-def test_environment_appends_the_tunable_and_keeps_the_others():
-    env = host_memory.environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "PATH": "/bin"}, **ON)
-    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+def test_environment_appends_the_tunables_and_keeps_the_others():
+    env = host_memory.environment({"GLIBC_TUNABLES": "glibc.rtld.nns=2", "PATH": "/bin"}, glibc=GLIBC)
+    assert env["GLIBC_TUNABLES"] == "glibc.rtld.nns=2:" + OURS
     assert env["PATH"] == "/bin"
-    assert host_memory.environment({}, **ON)["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert host_memory.environment({}, glibc=GLIBC)["GLIBC_TUNABLES"] == OURS
+    assert host_memory.active(env) and not host_memory.active({})
 
 
-@pytest.mark.parametrize("env, support", [
-    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=2"}, ON),  # already asked for (hugetlbfs pages)
-    ({"VLM_JAX_HUGE_PAGES": "0"}, ON),  # plain malloc asked for
-    ({}, {"glibc": (2, 31), "thp": "madvise"}),  # glibc without the tunable
-    ({}, {"glibc": (2, 36), "thp": "never"}),  # huge pages off in the kernel
+@pytest.mark.parametrize("env, glibc", [
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, GLIBC),  # someone tuned malloc already
+    ({"VLM_JAX_MALLOC_TUNABLES": "0"}, GLIBC),  # plain malloc asked for
+    ({}, (2, 17)),  # a glibc without tunables
 ])
-def test_environment_leaves_the_tunables_alone(env, support):
-    assert host_memory.environment(env, **support).get("GLIBC_TUNABLES") == env.get("GLIBC_TUNABLES")
-
-
-def test_requested_reads_the_tunable_value():
-    assert host_memory.requested({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=1"})
-    assert not host_memory.requested({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
-    assert not host_memory.requested({})
-
-
-def test_transparent_huge_pages_reads_the_bracketed_mode(tmp_path):
-    setting = tmp_path / "enabled"
-    setting.write_text("always [madvise] never\n")
-    assert host_memory.transparent_huge_pages(str(setting)) == "madvise"
-    assert host_memory.transparent_huge_pages(str(tmp_path / "missing")) is None
+def test_environment_leaves_the_tunables_alone(env, glibc):
+    assert host_memory.environment(env, glibc=glibc).get("GLIBC_TUNABLES") == env.get("GLIBC_TUNABLES")
 
 
 RESTART = textwrap.dedent("""
     import os, sys
     from vlm_jax import host_memory
     print("run", sys.argv[1:], os.environ.get("GLIBC_TUNABLES"), flush=True)
-    host_memory.restart_with_huge_pages()
+    host_memory.restart_with_tunables()
     print("done", host_memory.status())
 """)
 
 
 def _plain_env() -> dict:
-    return {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "VLM_JAX_HUGE_PAGES")}
+    return {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "VLM_JAX_MALLOC_TUNABLES")}
 
 
-def test_restart_runs_the_same_command_again_with_the_tunable(tmp_path):
+def test_restart_runs_the_same_command_again_with_the_tunables(tmp_path):
     script = tmp_path / "script.py"
     script.write_text(RESTART)
     out = subprocess.run([sys.executable, "-u", str(script), "a", "b"], capture_output=True, text=True, check=True,
                          env=_plain_env()).stdout.splitlines()
     if not host_memory.supported():
-        assert len(out) == 2 and out[0] == "run ['a', 'b'] None" and "off" in out[1]  # no restart
+        assert len(out) == 2 and out[0] == "run ['a', 'b'] None"  # no restart
         return
-    assert out[:2] == ["run ['a', 'b'] None", "run ['a', 'b'] glibc.malloc.hugetlb=1"]  # once, same arguments
-    assert out[2].startswith("done malloc huge pages on")
+    assert out[:2] == ["run ['a', 'b'] None", f"run ['a', 'b'] {OURS}"]  # once, same arguments
+    assert out[2] == "done malloc: one never-trimmed heap (vlm_jax.host_memory tunables)"
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True,
-                         env=dict(_plain_env(), VLM_JAX_HUGE_PAGES="0")).stdout.splitlines()
-    assert len(out) == 2 and "off" in out[1]
+                         env=dict(_plain_env(), VLM_JAX_MALLOC_TUNABLES="0")).stdout.splitlines()
+    assert len(out) == 2 and out[1] == "done malloc: glibc defaults"
 
 
 FAULTS = textwrap.dedent("""
     import ctypes, resource
     libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
     size = 64 << 20
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    block = libc.malloc(ctypes.c_size_t(size))
-    ctypes.memset(block, 1, size)  # touches every page
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    for round in range(2):  # a buffer freed, then one of the same size (XLA's outputs, call after call)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = libc.malloc(ctypes.c_size_t(size))
+        ctypes.memset(block, round, size)  # touches every page
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        libc.free(block)
+    print(faults)
 """)
 
 
-@pytest.mark.skipif(not host_memory.supported(), reason="no glibc >= 2.35 with transparent huge pages here")
-def test_huge_pages_cut_the_page_faults_of_a_fresh_block():
-    """What the tunable is for: a fresh 64 MB malloc block (as XLA's buffers for every call) costs
-    16k page faults with 4 KB pages and a few dozen with huge pages."""
+@pytest.mark.skipif(not host_memory.supported(), reason="no glibc >= 2.26 here")
+def test_the_tunables_reuse_a_freed_buffer_without_page_faults():
+    """What they are for: a 64 MB block malloc'ed after one of the same size was freed costs 16k
+    page faults with glibc's defaults (a fresh mmap) and none with the tunables."""
     def faults(env):
         return int(subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True, check=True,
                                   env=env).stdout.strip())
 
-    plain, huge = faults(_plain_env()), faults(host_memory.environment(_plain_env()))
+    plain, tuned = faults(_plain_env()), faults(host_memory.environment(_plain_env()))
     assert plain > 8000, plain
-    assert huge < plain / 4, (huge, plain)
+    assert tuned < 100, tuned

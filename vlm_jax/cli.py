@@ -282,10 +282,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    if argv is None:  # the command itself (not a call from Python): malloc on huge pages, see host_memory
-        from vlm_jax import host_memory
-
-        host_memory.restart_with_huge_pages()
     args = build_parser().parse_args(argv)
     from vlm_jax.errors import VlmJaxError
 
