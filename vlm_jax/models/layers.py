@@ -19,6 +19,7 @@ from vlm_jax.errors import SettingError
 from vlm_jax.nn import decode_matmul
 from vlm_jax.nn.activations import activation
 from vlm_jax.nn.attention import ATTENTION_RESIDUALS
+from vlm_jax.nn.low_rank import low_rank_update
 from vlm_jax.sharding import constrain
 
 
@@ -34,7 +35,8 @@ def _project(x: jax.Array, params: dict, n_in: int) -> jax.Array:
     The kernel may be one of decode_matmul.KERNEL_FORMS (generate's decode steps on CPU).
 
     LoRA: A [*in, r] and B [r, *out] (vlm_jax.train.lora adds them next to the kernel) add
-    (x A) B * scale; the frozen kernel gets no weight gradient, only A and B do.
+    (x A) B * scale (nn/low_rank.py, whose backward forms A's gradient faster on CPU); the frozen
+    kernel gets no weight gradient, only A and B do.
     """
     kernel = params["kernel"]
     in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
@@ -47,7 +49,7 @@ def _project(x: jax.Array, params: dict, n_in: int) -> jax.Array:
     if "lora_a" in params:
         a = params["lora_a"].reshape(rows.shape[1], -1).astype(x.dtype)
         b = params["lora_b"].reshape(a.shape[1], -1).astype(x.dtype)
-        y = y + (rows @ a) @ b * params["lora_scale"].astype(x.dtype)
+        y = y + low_rank_update(rows, a, b, params["lora_scale"].astype(x.dtype))
     y = y.reshape(*lead, *out_shape)
     if "bias" in params:
         y = y + params["bias"]
