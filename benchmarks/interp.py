@@ -25,7 +25,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import forward_flops, lens_flops, machine, matmul_peak, timed, use_malloc_tunables, workload_parser  # noqa: E402
+from common import (  # noqa: E402
+    forward_flops, lens_flops, machine, matmul_peak, timed, use_malloc_tunables, workload_parser)
 
 PRESET = "llava-1.5-cpu-60m"
 

@@ -98,7 +98,8 @@ def main() -> None:
         rows.append((label, statistics.median(r["seconds"] for r in runs), peak_over / size,
                      statistics.median(r["peak"] for r in runs) / 2**30))
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, {host_memory.status()}; "
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, "
+          f"{host_memory.status()}; "
           f"checkpoint: {size / 2**30:.2f} GiB float32 safetensors; median of {args.repeats} fresh processes")
     print("| loader | load time (s) | peak RSS over baseline / checkpoint size | peak RSS (GiB) |")
     print("|---|---|---|---|")

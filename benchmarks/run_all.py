@@ -76,7 +76,7 @@ def main() -> int:
     parser.add_argument("--plain-malloc", action="store_true",
                         help="run the scripts with glibc's default malloc (not vlm_jax/host_memory.py's tunables)")
     args = parser.parse_args()
-    plain = dict(os.environ, VLM_JAX_MALLOC_TUNABLES="0")
+    plain = host_memory.plain_environment()
     tuned = plain if args.plain_malloc else host_memory.environment()
     for tool in ("transformer_lens", "nnsight"):
         found = importlib.util.find_spec(tool) is not None

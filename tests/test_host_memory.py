@@ -21,6 +21,14 @@ def test_environment_appends_the_tunables_and_keeps_the_others():
     assert host_memory.active(env) and not host_memory.active({})
 
 
+def test_plain_environment_takes_out_only_the_tunables_it_adds():
+    tuned = host_memory.environment({"GLIBC_TUNABLES": "glibc.rtld.nns=2"}, glibc=GLIBC)
+    plain = host_memory.plain_environment(tuned)
+    assert plain["GLIBC_TUNABLES"] == "glibc.rtld.nns=2" and plain["VLM_JAX_MALLOC_TUNABLES"] == "0"
+    assert "GLIBC_TUNABLES" not in host_memory.plain_environment(host_memory.environment({}, glibc=GLIBC))
+    assert host_memory.environment(plain, glibc=GLIBC) == plain  # and nothing adds them back
+
+
 @pytest.mark.parametrize("env, glibc", [
     ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, GLIBC),  # someone tuned malloc already
     ({"VLM_JAX_MALLOC_TUNABLES": "0"}, GLIBC),  # plain malloc asked for

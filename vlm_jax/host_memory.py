@@ -89,6 +89,19 @@ def environment(env=None, glibc: tuple[int, int] | None = None) -> dict:
     return env
 
 
+def plain_environment(env=None) -> dict:
+    """A copy of `env` (default: os.environ) whose processes run glibc's default malloc:
+    TUNABLES taken out of $GLIBC_TUNABLES (other tunables kept) and $VLM_JAX_MALLOC_TUNABLES=0."""
+    env = dict(os.environ if env is None else env, VLM_JAX_MALLOC_TUNABLES="0")
+    kept = [entry for entry in env.get("GLIBC_TUNABLES", "").split(":")
+            if entry and entry.partition("=")[0].strip() not in TUNABLES]
+    if kept:
+        env["GLIBC_TUNABLES"] = ":".join(kept)
+    else:
+        env.pop("GLIBC_TUNABLES", None)
+    return env
+
+
 def restart_with_tunables(argv: list[str] | None = None) -> None:
     """Replaces this process by itself run with `environment()`, where that adds the tunables;
     otherwise returns at once. argv: the interpreter's arguments (default `sys.orig_argv[1:]`,
