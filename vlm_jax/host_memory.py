@@ -93,8 +93,7 @@ def plain_environment(env=None) -> dict:
     """A copy of `env` (default: os.environ) whose processes run glibc's default malloc:
     TUNABLES taken out of $GLIBC_TUNABLES (other tunables kept) and $VLM_JAX_MALLOC_TUNABLES=0."""
     env = dict(os.environ if env is None else env, VLM_JAX_MALLOC_TUNABLES="0")
-    kept = [entry for entry in env.get("GLIBC_TUNABLES", "").split(":")
-            if entry and entry.partition("=")[0].strip() not in TUNABLES]
+    kept = [f"{name}={value}" for name, value in _tunables(env).items() if name not in TUNABLES]
     if kept:
         env["GLIBC_TUNABLES"] = ":".join(kept)
     else:

@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import jaxlib
 
 FOLDER = Path(__file__).parent
@@ -100,6 +101,17 @@ class CpuKernelLibrary:
     def c_function(self, symbol: str):
         """A plain C function the library exports (ctypes), once `available()`; None if it is not."""
         return getattr(self._status["library"], symbol) if self.available() else None
+
+    def usable_for(self, dtype) -> bool:
+        """Whether a call traced now may use this library's kernels for operands of `dtype`: float32
+        on the CPU backend, not under a mesh of several devices (the kernels are not partitioned),
+        and the library built (`available`)."""
+        if jnp.dtype(dtype) != jnp.float32 or jax.default_backend() != "cpu":
+            return False
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.empty and mesh.size > 1:
+            return False
+        return self.available()
 
     def available(self) -> bool:
         """Builds (once per machine, cached), loads and registers the kernel; False if it cannot."""

@@ -34,12 +34,7 @@ def usable(dtype, head_dim: int) -> bool:
     """Whether attention of this dtype and head size runs its blocked forward in the kernel, as
     traced now: float32 on the CPU backend, not under a mesh of several devices, head_dim a
     multiple of 8, and the kernel built."""
-    if jnp.dtype(dtype) != jnp.float32 or head_dim % 8 or jax.default_backend() != "cpu":
-        return False
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:
-        return False
-    return available()
+    return head_dim % 8 == 0 and LIBRARY.usable_for(dtype)
 
 
 def _mask_for_kernel(bias: jax.Array | None, batch: int, t_len: int) -> jax.Array:

@@ -19,12 +19,7 @@ from vlm_jax.nn import decode_matmul
 
 def kernel_usable(dtype) -> bool:
     """Whether A's gradient runs in the decode kernel, as traced now."""
-    if jnp.dtype(dtype) != jnp.float32 or jax.default_backend() != "cpu":
-        return False
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:
-        return False
-    return decode_matmul.available()
+    return decode_matmul.LIBRARY.usable_for(dtype)
 
 
 @jax.custom_vjp
