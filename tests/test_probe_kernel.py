@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import kernel_builds
-from vlm_jax.probe import cpu_kernel, linear
+from vlm_jax.probe import cpu_kernel, lbfgs, linear
 from vlm_jax.probe.linear import _fit_logistic_layers, evaluate, fit_logistic
 
 needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
@@ -56,6 +56,72 @@ def test_kernel_matches_a_float64_reference(n, d, classes):
         np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
         np.testing.assert_allclose(np.asarray(gx), ref_gx, atol=1e-5 * np.abs(ref_gx).max())
         np.testing.assert_allclose(np.asarray(gb), ref_gb, atol=1e-6)
+
+
+def two_loop_reference(S, Y, rho, g, stored):
+    """L-BFGS's -H g by the two-loop recursion in float64 numpy (slot (stored - 1 - i) % M the i-th newest)."""
+    S, Y, rho, q = (np.asarray(a, np.float64) for a in (S, Y, rho, g))
+    memory = len(rho)
+    newest = (stored - 1) % memory
+    gamma = S[newest] @ Y[newest] / (Y[newest] @ Y[newest]) if stored > 0 else 1.0
+    alphas = []
+    for i in range(memory):
+        slot = (stored - 1 - i) % memory
+        alphas.append((slot, rho[slot] * (S[slot] @ q)))
+        q = q - alphas[-1][1] * Y[slot]
+    r = gamma * q
+    for slot, alpha in reversed(alphas):
+        r = r + (alpha - rho[slot] * (Y[slot] @ r)) * S[slot]
+    return -r
+
+
+@needs_compiler
+@pytest.mark.parametrize("memory, size", [(10, 8200), (3, 37), (1, 5)])
+@pytest.mark.parametrize("stored", [0, 1, 2, 10, 23])  # none yet, a partial memory, full and wrapped around
+def test_lbfgs_direction_matches_a_float64_reference(memory, size, stored):
+    rng = np.random.default_rng(memory + stored)
+    S = rng.standard_normal((memory, size)).astype(np.float32)
+    Y = (0.5 * S + 0.1 * rng.standard_normal((memory, size))).astype(np.float32)  # s . y > 0, as stored pairs
+    rho = (1.0 / np.einsum("mp,mp->m", S, Y)).astype(np.float32)
+    rho[min(stored, memory):] = 0.0  # slots not yet filled
+    S[min(stored, memory):] = 0.0
+    Y[min(stored, memory):] = 0.0
+    g = rng.standard_normal(size).astype(np.float32)
+    direction = jax.jit(cpu_kernel.lbfgs_direction)(S, Y, rho, g, stored)
+    expected = two_loop_reference(S, Y, rho, g, stored)
+    np.testing.assert_allclose(np.asarray(direction), expected, atol=2e-6 * np.abs(expected).max())
+    if stored == 0:  # no curvature yet: steepest descent
+        np.testing.assert_array_equal(np.asarray(direction), -g)
+
+
+@needs_compiler
+def test_lbfgs_direction_is_the_recursion_minimize_runs_in_jnp():
+    """The same minimisation with the kernel's recursion and with lbfgs.minimize's own: the same
+    iterates up to float32 rounding, so the same iteration count and the same solution."""
+    rng = np.random.default_rng(3)
+    A = rng.standard_normal((60, 40)).astype(np.float32)
+    H = jnp.asarray(A.T @ A / 60 + 0.1 * np.eye(40, dtype=np.float32))
+    optimum = jnp.asarray(rng.standard_normal(40).astype(np.float32))
+
+    def value_and_grad(x):
+        """A convex quadratic plus a smooth convex term, both 0 at the optimum: float32 resolves
+        the line search's decreases down to the tolerance."""
+        e = x - optimum
+        return 0.5 * e @ H @ e + jnp.sum(jnp.log(jnp.cosh(e))), H @ e + jnp.tanh(e)
+
+    x_jnp, k_jnp, e_jnp = jax.jit(lambda x0: lbfgs.minimize(value_and_grad, x0, tol=1e-5))(jnp.zeros(40))
+    x_ker, k_ker, e_ker = jax.jit(lambda x0: lbfgs.minimize(value_and_grad, x0, tol=1e-5,
+                                                            two_loop=cpu_kernel.lbfgs_direction))(jnp.zeros(40))
+    assert 10 < int(k_ker) < 200
+    assert abs(int(k_ker) - int(k_jnp)) <= 1 and abs(int(e_ker) - int(e_jnp)) <= 1
+    np.testing.assert_allclose(np.asarray(x_ker), np.asarray(x_jnp), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(x_ker), np.asarray(optimum), atol=1e-3)
+
+
+@needs_compiler
+def test_lbfgs_direction_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"S, Y \[M, P\], rho \[M\] and g \[P\]"):
+        cpu_kernel.lbfgs_direction(jnp.zeros((4, 6)), jnp.zeros((4, 6)), jnp.zeros(4), jnp.zeros(5), 1)
 
 
 @needs_compiler

@@ -6,6 +6,8 @@
   runs at about half the matmul rate; the kernel reads X once, as it is
   (benchmarks/RESULTS.md has the measurements).
 - `column_moments(X, layer)`: each feature's mean and standard deviation, in one pass.
+- `lbfgs_direction(S, Y, rho, g, stored)`: L-BFGS's two-loop recursion (probe/lbfgs.py) in one
+  call, where XLA runs its ~40 dependent dot products and updates as separate small ops.
 
 Both run as XLA FFI custom calls on the CPU backend, on the threads of XLA's intra-op pool.
 
@@ -22,10 +24,12 @@ import jax.numpy as jnp
 
 from vlm_jax.native.build import CpuKernelLibrary, KernelBuildWarning
 
-__all__ = ["KernelBuildWarning", "LIBRARY", "available", "column_moments", "library_path", "logistic_eval"]
+__all__ = ["KernelBuildWarning", "LIBRARY", "available", "column_moments", "lbfgs_direction", "library_path",
+           "logistic_eval"]
 
 LIBRARY = CpuKernelLibrary(
-    "logistic_probe", {"vlm_jax_logistic_eval": "VlmJaxLogisticEval", "vlm_jax_column_moments": "VlmJaxColumnMoments"},
+    "logistic_probe", {"vlm_jax_logistic_eval": "VlmJaxLogisticEval", "vlm_jax_column_moments": "VlmJaxColumnMoments",
+                       "vlm_jax_lbfgs_direction": "VlmJaxLbfgsDirection"},
     fallback="probes use XLA's products (slower on CPU)")
 
 
@@ -75,3 +79,23 @@ def column_moments(X: jax.Array, layer: jax.Array) -> tuple[jax.Array, jax.Array
     d = X.shape[2]
     out = (jax.ShapeDtypeStruct((d,), jnp.float32), jax.ShapeDtypeStruct((d,), jnp.float32))
     return jax.ffi.ffi_call("vlm_jax_column_moments", out, vmap_method="sequential")(X, jnp.asarray(layer, jnp.int32))
+
+
+def lbfgs_direction(S: jax.Array, Y: jax.Array, rho: jax.Array, g: jax.Array, stored: jax.Array) -> jax.Array:
+    """L-BFGS's search direction -H g [P] by the two-loop recursion, as probe/lbfgs.py forms it.
+
+    S, Y [M, P] float32: the stored steps and gradient changes, slot (stored - 1 - i) mod M the
+    i-th newest; rho [M] = 1 / (s . y), 0 for an empty slot; g [P] the gradient; stored [] int32
+    the number of pairs stored so far. H's initial scale is s.y / y.y of the newest pair (1 when
+    none is stored). Raises RuntimeError where the kernel cannot be built (see `available()`).
+    """
+    if not available():
+        raise RuntimeError("the probe CPU kernels are not available on this machine (see the KernelBuildWarning, "
+                           "or VLM_JAX_CPU_KERNELS=0); lbfgs.minimize runs the recursion in XLA without it")
+    if S.ndim != 2 or S.shape != Y.shape or rho.shape != S.shape[:1] or g.shape != S.shape[1:]:
+        raise ValueError(f"lbfgs_direction takes S, Y [M, P], rho [M] and g [P]; got S {S.shape}, Y {Y.shape}, "
+                         f"rho {rho.shape}, g {g.shape}")
+    f32 = jnp.float32
+    call = jax.ffi.ffi_call("vlm_jax_lbfgs_direction", jax.ShapeDtypeStruct(g.shape, f32), vmap_method="sequential")
+    return call(jnp.asarray(S, f32), jnp.asarray(Y, f32), jnp.asarray(rho, f32), jnp.asarray(g, f32),
+                jnp.asarray(stored, jnp.int32))

@@ -19,10 +19,14 @@ import jax.numpy as jnp
 
 
 def minimize(value_and_grad: Callable, x0: jax.Array, *, max_iter: int = 200, tol: float = 1e-4,
-             memory: int = 10, max_backtracks: int = 20) -> tuple[jax.Array, jax.Array, jax.Array]:
+             memory: int = 10, max_backtracks: int = 20,
+             two_loop: Callable | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Minimises f from x0 [n]; value_and_grad(x) -> (f [], g [n]).
 
-    Returns (x [n], iterations [] int32, evaluations [] int32: calls of value_and_grad)."""
+    two_loop(S [memory, n], Y [memory, n], rho [memory], g [n], stored []) -> -H g [n], if given,
+    replaces the recursion written here in jnp (probe/cpu_kernel.lbfgs_direction: the same
+    recursion in one CPU call). Returns (x [n], iterations [] int32, evaluations [] int32: calls of
+    value_and_grad)."""
     n = x0.shape[0]
     # Keep x0 opaque to XLA: with a constant (e.g. zeros) starting point, XLA CPU (jaxlib 0.10)
     # miscompiles the fused dot + reduction of the first evaluation (max over X @ 0 gave -inf).
@@ -40,6 +44,8 @@ def minimize(value_and_grad: Callable, x0: jax.Array, *, max_iter: int = 200, to
         iteration than the compact (matrix) form, whose small solves and gathers each cost a
         kernel launch."""
         S, Y, rho, g = state["S"], state["Y"], state["rho"], state["g"]
+        if two_loop is not None:
+            return two_loop(S, Y, rho, g, state["m"])
         newest = (state["m"] - 1) % memory  # a stored pair whenever m > 0
         yy = jnp.dot(Y[newest], Y[newest])
         gamma = jnp.where((state["m"] > 0) & (yy > 0), jnp.dot(S[newest], Y[newest]) / jnp.maximum(yy, 1e-30), 1.0)

@@ -111,7 +111,8 @@ def _kernel_data_term(X, layer, y, share):
     return data_term
 
 
-def _fit_logistic_one(data_term, d, n_classes, mean, scale, lam, W0, b0, max_iter: int, tol: float):
+def _fit_logistic_one(data_term, d, n_classes, mean, scale, lam, W0, b0, max_iter: int, tol: float,
+                      two_loop=None):
     """One softmax regression on standardised features, without materialising them.
 
     data_term(W' [D, C], bias [C]) -> (loss [], X^T G [D, C], sum_n G [C]) evaluates the mean
@@ -122,6 +123,7 @@ def _fit_logistic_one(data_term, d, n_classes, mean, scale, lam, W0, b0, max_ite
     [2], minimising
     sum(share * CE) + lam / 2 ||W||^2 (intercept not penalised).
     The standardisation is folded into the weights: W' = W / scale, bias = b - (mean / scale) W.
+    two_loop: lbfgs.minimize's recursion (the CPU kernel's with use_kernel; None: its jnp one).
     """
     shift = mean / scale
 
@@ -133,7 +135,7 @@ def _fit_logistic_one(data_term, d, n_classes, mean, scale, lam, W0, b0, max_ite
         return value, jnp.concatenate([g_W.reshape(-1), g_b])
 
     x0 = jnp.concatenate([W0.reshape(-1), b0]).astype(mean.dtype)
-    x, iterations, evaluations = lbfgs.minimize(value_and_grad, x0, max_iter=max_iter, tol=tol)
+    x, iterations, evaluations = lbfgs.minimize(value_and_grad, x0, max_iter=max_iter, tol=tol, two_loop=two_loop)
     return x[: d * n_classes].reshape(d, n_classes), x[d * n_classes:], jnp.stack([iterations, evaluations])
 
 
@@ -176,7 +178,7 @@ def _fit_logistic_layers(X, y, weights, lambdas, n_classes: int, max_iter: int, 
             else:
                 data_term = _xla_data_term(XT, YT, share)
             fit = functools.partial(_fit_logistic_one, data_term, d, n_classes, mean, scale, max_iter=max_iter,
-                                    tol=tol)
+                                    tol=tol, two_loop=cpu_kernel.lbfgs_direction if use_kernel else None)
 
             def next_strength(start, lam_m):
                 W, b, counts = fit(lam_m, *start)
