@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import vlm_jax as vj
 from vlm_jax.cli import main as cli_main
@@ -74,3 +75,29 @@ def test_demo_main_job(tmp_path, capsys):
     for stage in ("[1/4]", "[2/4]", "[3/4]", "[4/4]", "logit lens"):
         assert stage in printed
     assert (tmp_path / "demo-random-llava-vlm_jax" / "vlm_jax.json").exists()
+
+
+def _starts(command: list[str]) -> list[str]:
+    """The malloc each start of `python -c ... <command>` ran with: a restart shows as a second line."""
+    from vlm_jax import host_memory
+
+    code = ("import os, sys; print('start:', os.environ.get('GLIBC_TUNABLES', 'glibc defaults'), flush=True); "
+            "sys.argv = ['vlm-jax', *sys.argv[1:]]; from vlm_jax.cli import main; sys.exit(main())")
+    env = host_memory.plain_environment()
+    env.pop("VLM_JAX_MALLOC_TUNABLES")
+    done = subprocess.run([sys.executable, "-c", code, *command], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr  # the bad input below: a clear error after the restart
+    assert done.stderr.startswith("error: ")
+    return [line for line in done.stdout.splitlines() if line.startswith("start:")]
+
+
+def test_long_jobs_restart_with_the_malloc_tunables_and_convert_does_not(tmp_path):
+    from vlm_jax import host_memory
+
+    if not host_memory.supported():
+        pytest.skip("the malloc tunables need Linux with glibc >= 2.26")
+    starts = _starts(["probe", "--features", str(tmp_path / "absent"), "--site", "text.resid_post", "--pooling",
+                      "last"])
+    assert starts[0] == "start: glibc defaults" and len(starts) == 2
+    assert host_memory.active({"GLIBC_TUNABLES": starts[1].removeprefix("start: ")})
+    assert _starts(["convert", str(tmp_path / "absent")]) == ["start: glibc defaults"]

@@ -258,3 +258,17 @@ def test_extract_and_probe_commands(toy, random_llava, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| layer | held-out accuracy |" in printed
     assert len(json.loads((tmp_path / "probe.json").read_text())["accuracy"]) == 2
+
+    # bad input: an error that names the problem and the fix, exit status 2, no traceback
+    def probe(*args):
+        return cli_main(["probe", "--site", "text.resid_post", "--pooling", "image_mean", *args])
+
+    assert probe("--features", str(tmp_path / "absent")) == 2
+    assert "holds no extracted features" in capsys.readouterr().err
+    assert probe("--features", str(tmp_path / "feat"), "--pooling", "last") == 2
+    assert "it holds text.resid_post.image_mean" in capsys.readouterr().err
+    assert probe("--features", str(tmp_path / "feat"), "--labels", str(tmp_path / "absent.npy")) == 2
+    assert "Fix: pass --labels" in capsys.readouterr().err
+    np.save(tmp_path / "short.npy", np.arange(7) % 2)
+    assert probe("--features", str(tmp_path / "feat"), "--labels", str(tmp_path / "short.npy")) == 2
+    assert "holds 40 examples but the labels at" in capsys.readouterr().err

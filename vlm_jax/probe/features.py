@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlm_jax.errors import InputError
 from vlm_jax.interp.geometry import ImageGeometry
 from vlm_jax.interp.sites import ALL_SITES, validate_capture
 from vlm_jax.models import llava
@@ -45,7 +46,7 @@ TEXT_POOLINGS = ("image_mean", "last", "position", "region_mean", "grid")
 EXTRACTABLE = tuple(s for s in ALL_SITES if not s.endswith(("attn_pattern", ".q", ".k", ".v", ".z", "logits")))
 
 
-class ExtractionError(ValueError):
+class ExtractionError(InputError):
     """Bad extraction arguments or a feature folder that does not match them."""
 
 
@@ -104,7 +105,17 @@ class FeatureStore:
         return os.path.join(self.folder, f"{site}.{pooling}.npy")
 
     def load(self, site: str, pooling: str, mode: str = "r") -> np.ndarray:
-        """[N, L, D] memory-mapped array (mode 'r' read-only, 'r+' writable)."""
+        """[N, L, D] memory-mapped array (mode 'r' read-only, 'r+' writable). Raises
+        ExtractionError, naming what the folder holds, where it holds no such features."""
+        if not os.path.exists(os.path.join(self.folder, "meta.json")):
+            raise ExtractionError(f"{self.folder} holds no extracted features (no meta.json there). Fix: write them "
+                                  f"first with `vlm-jax extract ... --out {self.folder}` (or probe.features."
+                                  "extract_features), or point at the folder that run wrote.")
+        if not os.path.exists(self.path(site, pooling)):
+            held = ", ".join(sorted(self.meta.get("shapes", {}))) or "nothing yet"
+            raise ExtractionError(f"{self.folder} holds no features of site {site!r} pooled by {pooling!r}; it holds "
+                                  f"{held} (site.pooling). Fix: choose one of those, or extract that site and "
+                                  "pooling into a new folder.")
         return np.load(self.path(site, pooling), mmap_mode=mode)
 
     def layers_first(self, site: str, pooling: str) -> np.ndarray:

@@ -25,12 +25,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from vlm_jax.errors import InputError
 from vlm_jax.probe import cpu_kernel, lbfgs
 
 DEFAULT_LAMBDAS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
-class ProbeDataError(ValueError):
+class ProbeDataError(InputError):
     """Features or labels a probe cannot be fitted on."""
 
 
