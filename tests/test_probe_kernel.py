@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import kernel_builds
-from vlm_jax.probe import cpu_kernel, lbfgs, linear
+from vlm_jax.probe import cpu_kernel, linear
 from vlm_jax.probe.linear import _fit_logistic_layers, evaluate, fit_logistic
 
 needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
@@ -58,70 +58,58 @@ def test_kernel_matches_a_float64_reference(n, d, classes):
         np.testing.assert_allclose(np.asarray(gb), ref_gb, atol=1e-6)
 
 
-def two_loop_reference(S, Y, rho, g, stored):
-    """L-BFGS's -H g by the two-loop recursion in float64 numpy (slot (stored - 1 - i) % M the i-th newest)."""
-    S, Y, rho, q = (np.asarray(a, np.float64) for a in (S, Y, rho, g))
-    memory = len(rho)
-    newest = (stored - 1) % memory
-    gamma = S[newest] @ Y[newest] / (Y[newest] @ Y[newest]) if stored > 0 else 1.0
-    alphas = []
-    for i in range(memory):
-        slot = (stored - 1 - i) % memory
-        alphas.append((slot, rho[slot] * (S[slot] @ q)))
-        q = q - alphas[-1][1] * Y[slot]
-    r = gamma * q
-    for slot, alpha in reversed(alphas):
-        r = r + (alpha - rho[slot] * (Y[slot] @ r)) * S[slot]
-    return -r
+@needs_compiler
+@pytest.mark.parametrize("n, d, classes", [(400, 37, 3), (300, 64, 11)])
+def test_kernel_fit_runs_lbfgs_minimize_step_for_step(n, d, classes):
+    """cpu_kernel.logistic_fit against lbfgs.minimize on the same evaluations (the kernel's), from
+    zero and warm-started: the same iterates for the first iterations, the same solution."""
+    rng = np.random.default_rng(d)
+    labels = rng.integers(0, classes, n).astype(np.int32)
+    X = rng.standard_normal((2, n, d)).astype(np.float32)
+    X[1] = 2.0 * X[1] + 0.5 * rng.standard_normal((classes, d)).astype(np.float32)[labels] + 3.0
+    Xj, yj = jnp.asarray(X), jnp.asarray(labels)
+    weights = rng.uniform(0.5, 1.5, n) * (rng.uniform(size=n) > 0.2)
+    share = jnp.asarray(weights / weights.sum(), jnp.float32)
+    mean, std = cpu_kernel.column_moments(Xj, 1)
+    scale = jnp.where(std > 1e-8, std, 1.0)
+
+    def in_jnp(lam, W0, b0, max_iter):
+        def data_term(W_raw, bias):
+            return cpu_kernel.logistic_eval(Xj, 1, W_raw, bias, yj, share)
+
+        return linear._fit_logistic_one(data_term, d, classes, mean, scale, lam, W0, b0, max_iter=max_iter, tol=1e-4)
+
+    def in_kernel(lam, W0, b0, max_iter):
+        return cpu_kernel.logistic_fit(Xj, 1, yj, share, mean, scale, lam, W0, b0, 1e-4, max_iter=max_iter)
+
+    zero = (jnp.zeros((d, classes)), jnp.zeros(classes))
+    kernel, jnp_fit = jax.jit(in_kernel, static_argnums=3), jax.jit(in_jnp, static_argnums=3)
+    W_first, b_first, _ = kernel(1e-2, *zero, 500)
+    for lam, start in [(1e-2, zero), (1e-3, (W_first, b_first))]:  # from zero, and warm-started
+        # the first iterations, far from float32's resolution of the loss: step for step
+        for max_iter in (3, 8):
+            W_k, b_k, counts_k = kernel(lam, *start, max_iter)
+            W_j, b_j, counts_j = jnp_fit(lam, *start, max_iter)
+            assert np.asarray(counts_k)[0] == max_iter and np.array_equal(np.asarray(counts_k), np.asarray(counts_j))
+            np.testing.assert_allclose(np.asarray(W_k), np.asarray(W_j), atol=1e-4 * np.abs(np.asarray(W_j)).max())
+            np.testing.assert_allclose(np.asarray(b_k), np.asarray(b_j), atol=1e-4 * max(1.0, np.abs(np.asarray(b_j)).max()))
+        # to convergence: near the optimum the loss changes by about its float32 rounding, where
+        # the two line searches (sums in another order) may backtrack differently
+        W_k, b_k, counts_k = kernel(lam, *start, 500)
+        W_j, b_j, counts_j = jnp_fit(lam, *start, 500)
+        assert np.asarray(counts_k)[0] < 500 and np.asarray(counts_j)[0] < 500
+        np.testing.assert_allclose(np.asarray(W_k), np.asarray(W_j), atol=2e-3 * np.abs(np.asarray(W_j)).max())
+        np.testing.assert_allclose(np.asarray(b_k), np.asarray(b_j), atol=2e-3 * max(1.0, np.abs(np.asarray(b_j)).max()))
 
 
 @needs_compiler
-@pytest.mark.parametrize("memory, size", [(10, 8200), (3, 37), (1, 5)])
-@pytest.mark.parametrize("stored", [0, 1, 2, 10, 23])  # none yet, a partial memory, full and wrapped around
-def test_lbfgs_direction_matches_a_float64_reference(memory, size, stored):
-    rng = np.random.default_rng(memory + stored)
-    S = rng.standard_normal((memory, size)).astype(np.float32)
-    Y = (0.5 * S + 0.1 * rng.standard_normal((memory, size))).astype(np.float32)  # s . y > 0, as stored pairs
-    rho = (1.0 / np.einsum("mp,mp->m", S, Y)).astype(np.float32)
-    rho[min(stored, memory):] = 0.0  # slots not yet filled
-    S[min(stored, memory):] = 0.0
-    Y[min(stored, memory):] = 0.0
-    g = rng.standard_normal(size).astype(np.float32)
-    direction = jax.jit(cpu_kernel.lbfgs_direction)(S, Y, rho, g, stored)
-    expected = two_loop_reference(S, Y, rho, g, stored)
-    np.testing.assert_allclose(np.asarray(direction), expected, atol=2e-6 * np.abs(expected).max())
-    if stored == 0:  # no curvature yet: steepest descent
-        np.testing.assert_array_equal(np.asarray(direction), -g)
-
-
-@needs_compiler
-def test_lbfgs_direction_is_the_recursion_minimize_runs_in_jnp():
-    """The same minimisation with the kernel's recursion and with lbfgs.minimize's own: the same
-    iterates up to float32 rounding, so the same iteration count and the same solution."""
-    rng = np.random.default_rng(3)
-    A = rng.standard_normal((60, 40)).astype(np.float32)
-    H = jnp.asarray(A.T @ A / 60 + 0.1 * np.eye(40, dtype=np.float32))
-    optimum = jnp.asarray(rng.standard_normal(40).astype(np.float32))
-
-    def value_and_grad(x):
-        """A convex quadratic plus a smooth convex term, both 0 at the optimum: float32 resolves
-        the line search's decreases down to the tolerance."""
-        e = x - optimum
-        return 0.5 * e @ H @ e + jnp.sum(jnp.log(jnp.cosh(e))), H @ e + jnp.tanh(e)
-
-    x_jnp, k_jnp, e_jnp = jax.jit(lambda x0: lbfgs.minimize(value_and_grad, x0, tol=1e-5))(jnp.zeros(40))
-    x_ker, k_ker, e_ker = jax.jit(lambda x0: lbfgs.minimize(value_and_grad, x0, tol=1e-5,
-                                                            two_loop=cpu_kernel.lbfgs_direction))(jnp.zeros(40))
-    assert 10 < int(k_ker) < 200
-    assert abs(int(k_ker) - int(k_jnp)) <= 1 and abs(int(e_ker) - int(e_jnp)) <= 1
-    np.testing.assert_allclose(np.asarray(x_ker), np.asarray(x_jnp), atol=1e-4)
-    np.testing.assert_allclose(np.asarray(x_ker), np.asarray(optimum), atol=1e-3)
-
-
-@needs_compiler
-def test_lbfgs_direction_rejects_mismatched_shapes():
-    with pytest.raises(ValueError, match=r"S, Y \[M, P\], rho \[M\] and g \[P\]"):
-        cpu_kernel.lbfgs_direction(jnp.zeros((4, 6)), jnp.zeros((4, 6)), jnp.zeros(4), jnp.zeros(5), 1)
+def test_kernel_fit_rejects_mismatched_shapes():
+    X = jnp.zeros((2, 10, 6))
+    args = (X, 0, jnp.zeros(10, jnp.int32), jnp.full(10, 0.1), jnp.zeros(6), jnp.ones(6), 1e-3)
+    with pytest.raises(ValueError, match=r"W0 \[D, C\] with D = 6"):
+        cpu_kernel.logistic_fit(*args, jnp.zeros((5, 3)), jnp.zeros(3), 1e-4, max_iter=10)
+    with pytest.raises(ValueError, match=r"mean and scale \[D\]"):
+        cpu_kernel.logistic_fit(*args[:4], jnp.zeros(5), *args[5:], jnp.zeros((6, 3)), jnp.zeros(3), 1e-4, max_iter=10)
 
 
 @needs_compiler

@@ -4,11 +4,13 @@
 // VlmJaxColumnMoments: the mean and standard deviation of every feature of one layer, in one pass.
 // Inputs:  X [L, N, D] (float32), layer [] (int32).  Outputs: mean [D], std [D] (population std).
 //
-// VlmJaxLbfgsDirection: L-BFGS's search direction -H g by the two-loop recursion (probe/lbfgs.py).
-// Inputs:  S [M, P], Y [M, P] the stored steps and gradient changes (slot (m - 1 - i) mod M is the
-//          i-th newest), rho [M] = 1 / (s . y) (0 marks an empty slot), g [P] the gradient,
-//          m [] int32 the number of pairs stored so far.
-// Outputs: d [P] = -H g, with H's initial scale gamma = s.y / y.y of the newest pair (1 if none).
+// VlmJaxLogisticFit: a whole softmax-regression probe fit on one layer, probe/lbfgs.py's L-BFGS run
+// step for step on VlmJaxLogisticEval's evaluations (see LogisticFitImpl).
+// Inputs:  X [L, N, D], layer [], labels [N], share [N] as below; mean, scale [D] the layer's
+//          standardisation; lam [] the L2 strength; W0 [D, C], b0 [C] the starting point; tol [] the
+//          gradient tolerance. Attributes max_iter, memory (curvature pairs), max_backtracks.
+// Outputs: W [D, C], b [C] minimising sum_n share_n CE(W^T (x_n - mean) / scale + b) + lam/2 ||W||^2,
+//          and counts [2] int32: iterations, loss evaluations.
 //
 // VlmJaxLogisticEval: one evaluation of a softmax-regression probe's data term and its gradient,
 // in one pass over one layer's features.
@@ -39,6 +41,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -396,64 +399,96 @@ void for_each_entry(vec* pairs, vec* tail, int64_t d, int64_t c, int64_t k, int6
     for (int64_t cls = 0; cls < c; ++cls) fn(row, cls, tail[(row - 4 * quads) * k + cls / kLanes][cls % kLanes]);
 }
 
+// One layer's data term, evaluated for one weight matrix after another (a fit's loss evaluations):
+// the weights' layouts and the threads' partial sums are allocated once.
+class DataTerm {
+ public:
+  DataTerm(ffi::ThreadPool& pool, const float* x_layer, int64_t n, int64_t d, int64_t c, const int32_t* labels,
+           const float* share)
+      : pool_(pool), d_(d), c_(c), k_((c + kLanes - 1) / kLanes), quads_(d / 4), blocks_((n + kBlock - 1) / kBlock),
+        wq_(quads_ * k_ * 4), wt_((d - 4 * quads_) * k_), bias_(k_),
+        problem_{x_layer, wq_.data(), wt_.data(), bias_.data(), labels, share, d, n, c, k_, quads_},
+        partials_(slots_for(pool, blocks_)) {
+    for (Partial& part : partials_) {
+      part.gq.resize(wq_.size());
+      part.gt.resize(wt_.size());
+      part.gb.resize(k_);
+      part.z.assign(kTile * k_, vec{});
+      part.gp.assign(kTile * k_ * 4, vec{});
+    }
+  }
+
+  // loss = -sum_n share_n log softmax(z_n)[label_n] for z_n = W^T x_n + bias; writes gx [D, C] and
+  // gb [C] (row-major). w [D, C] and bias [C] row-major.
+  double evaluate(const float* w, const float* bias, float* gx, float* gb) {
+    // weights and bias in the kernel's layouts, padded to whole class groups; padded classes get a
+    // bias of -inf so that their softmax probability is exactly 0
+    for_each_entry(wq_.data(), wt_.data(), d_, c_, k_, quads_,
+                   [&](int64_t row, int64_t cls, float& entry) { entry = w[row * c_ + cls]; });
+    std::fill(bias_.begin(), bias_.end(), splat(-INFINITY));
+    for (int64_t cls = 0; cls < c_; ++cls) bias_[cls / kLanes][cls % kLanes] = bias[cls];
+    for (Partial& part : partials_) {
+      std::fill(part.gq.begin(), part.gq.end(), vec{});
+      std::fill(part.gt.begin(), part.gt.end(), vec{});
+      std::fill(part.gb.begin(), part.gb.end(), vec{});
+      part.loss = 0.0;
+    }
+    run_blocks(pool_, blocks_, [&](int64_t slot, int64_t block) { run_block(problem_, block, partials_[slot]); });
+
+    // add up the threads' partial sums, back to [D, C] and [C]
+    Partial& total = partials_[0];
+    for (size_t slot = 1; slot < partials_.size(); ++slot) {
+      const Partial& part = partials_[slot];
+      for (size_t i = 0; i < total.gq.size(); ++i) total.gq[i] += part.gq[i];
+      for (size_t i = 0; i < total.gt.size(); ++i) total.gt[i] += part.gt[i];
+      for (size_t i = 0; i < total.gb.size(); ++i) total.gb[i] += part.gb[i];
+      total.loss += part.loss;
+    }
+    for_each_entry(total.gq.data(), total.gt.data(), d_, c_, k_, quads_,
+                   [&](int64_t row, int64_t cls, float& entry) { gx[row * c_ + cls] = entry; });
+    for (int64_t cls = 0; cls < c_; ++cls) gb[cls] = total.gb[cls / kLanes][cls % kLanes];
+    return total.loss;
+  }
+
+ private:
+  ffi::ThreadPool& pool_;
+  int64_t d_, c_, k_, quads_, blocks_;
+  std::vector<vec> wq_, wt_, bias_;
+  Problem problem_;
+  std::vector<Partial> partials_;
+};
+
+// The checks both custom calls make of X [L, N, D], the layer, and labels, share [N]; an empty
+// string when they pass.
+std::string check_data(const char* op, ffi::Span<const int64_t> x_dims, int64_t layer, int64_t c,
+                       ffi::Buffer<ffi::S32>& labels, ffi::Buffer<ffi::F32>& share) {
+  if (x_dims.size() != 3) return std::string(op) + ": expected X [L, N, D]";
+  const int64_t n = x_dims[1];
+  if (layer < 0 || layer >= x_dims[0]) return std::string(op) + ": layer index out of range";
+  if (labels.element_count() != static_cast<size_t>(n) || share.element_count() != static_cast<size_t>(n))
+    return std::string(op) + ": labels and share must be [N], N the examples of X";
+  const int32_t* label_data = labels.typed_data();
+  for (int64_t i = 0; i < n; ++i)
+    if (label_data[i] < 0 || label_data[i] >= c)
+      return std::string(op) + ": a label is outside [0, C); labels must be class ids";
+  return "";
+}
+
 ffi::Error LogisticEvalImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
-                            ffi::Buffer<ffi::F32> w,
-                            ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::S32> labels,
+                            ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::S32> labels,
                             ffi::Buffer<ffi::F32> share, ffi::ResultBuffer<ffi::F32> loss,
                             ffi::ResultBuffer<ffi::F32> gx, ffi::ResultBuffer<ffi::F32> gb) {
   const auto x_dims = x.dimensions();
   const auto w_dims = w.dimensions();
-  if (x_dims.size() != 3 || w_dims.size() != 2 || w_dims[0] != x_dims[2])
-    return ffi::Error::InvalidArgument("logistic_eval: expected X [L, N, D] and W [D, C]");
-  const int64_t d = x_dims[2], n = x_dims[1], c = w_dims[1];
-  const int64_t l = *layer.typed_data();
-  if (l < 0 || l >= x_dims[0]) return ffi::Error::InvalidArgument("logistic_eval: layer index out of range");
-  const int64_t k = (c + kLanes - 1) / kLanes;
-  if (labels.element_count() != static_cast<size_t>(n) || share.element_count() != static_cast<size_t>(n) ||
-      bias.element_count() != static_cast<size_t>(c))
-    return ffi::Error::InvalidArgument("logistic_eval: labels, share [N] and bias [C] do not match X and W");
-  const int32_t* label_data = labels.typed_data();
-  for (int64_t i = 0; i < n; ++i)
-    if (label_data[i] < 0 || label_data[i] >= c)
-      return ffi::Error::InvalidArgument("logistic_eval: a label is outside [0, C); labels must be class ids");
-
-  // weights and bias in the kernel's layouts, padded to whole class groups; padded classes get a
-  // bias of -inf so that their softmax probability is exactly 0
-  const int64_t quads = d / 4, tail = d - 4 * quads;
-  std::vector<vec> wq(quads * k * 4, vec{}), wt(tail * k, vec{});
-  std::vector<vec> bias_padded(k, splat(-INFINITY));
-  const float* w_data = w.typed_data();
-  for_each_entry(wq.data(), wt.data(), d, c, k, quads,
-                 [&](int64_t row, int64_t cls, float& entry) { entry = w_data[row * c + cls]; });
-  for (int64_t cls = 0; cls < c; ++cls) bias_padded[cls / kLanes][cls % kLanes] = bias.typed_data()[cls];
-
-  const Problem problem{x.typed_data() + l * n * d, wq.data(), wt.data(), bias_padded.data(), labels.typed_data(),
-                        share.typed_data(), d, n, c, k, quads};
-  const int64_t blocks = (n + kBlock - 1) / kBlock;
-  std::vector<Partial> partials(slots_for(pool, blocks));
-  for (Partial& part : partials) {
-    part.gq.assign(quads * k * 4, vec{});
-    part.gt.assign(tail * k, vec{});
-    part.gb.assign(k, vec{});
-    part.z.assign(kTile * k, vec{});
-    part.gp.assign(kTile * k * 4, vec{});
-  }
-  run_blocks(pool, blocks, [&](int64_t slot, int64_t block) { run_block(problem, block, partials[slot]); });
-
-  // add up the threads' partial sums, back to [D, C] and [C]
-  Partial& total = partials[0];
-  for (size_t slot = 1; slot < partials.size(); ++slot) {
-    const Partial& part = partials[slot];
-    for (size_t i = 0; i < total.gq.size(); ++i) total.gq[i] += part.gq[i];
-    for (size_t i = 0; i < total.gt.size(); ++i) total.gt[i] += part.gt[i];
-    for (size_t i = 0; i < total.gb.size(); ++i) total.gb[i] += part.gb[i];
-    total.loss += part.loss;
-  }
-  *loss->typed_data() = static_cast<float>(total.loss);
-  float* gx_out = gx->typed_data();
-  for_each_entry(total.gq.data(), total.gt.data(), d, c, k, quads,
-                 [&](int64_t row, int64_t cls, float& entry) { gx_out[row * c + cls] = entry; });
-  for (int64_t cls = 0; cls < c; ++cls) gb->typed_data()[cls] = total.gb[cls / kLanes][cls % kLanes];
+  if (x_dims.size() != 3 || w_dims.size() != 2 || w_dims[0] != x_dims[2] ||
+      bias.element_count() != static_cast<size_t>(w_dims[1]))
+    return ffi::Error::InvalidArgument("logistic_eval: expected X [L, N, D], W [D, C] and bias [C]");
+  const int64_t n = x_dims[1], d = x_dims[2], c = w_dims[1], l = *layer.typed_data();
+  const std::string problem = check_data("logistic_eval", x_dims, l, c, labels, share);
+  if (!problem.empty()) return ffi::Error::InvalidArgument(problem);
+  DataTerm term(pool, x.typed_data() + l * n * d, n, d, c, labels.typed_data(), share.typed_data());
+  *loss->typed_data() = static_cast<float>(term.evaluate(w.typed_data(), bias.typed_data(), gx->typed_data(),
+                                                         gb->typed_data()));
   return ffi::Error::Success();
 }
 
@@ -558,28 +593,22 @@ float add_then_dot(float* __restrict__ v, const float* __restrict__ add, float c
   return total;
 }
 
-ffi::Error LbfgsDirectionImpl(ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> rho,
-                              ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::S32> stored, ffi::ResultBuffer<ffi::F32> d) {
-  const auto dims = s.dimensions();
-  if (dims.size() != 2 || y.dimensions().size() != 2 || y.dimensions()[0] != dims[0] ||
-      y.dimensions()[1] != dims[1] || rho.element_count() != static_cast<size_t>(dims[0]) ||
-      g.element_count() != static_cast<size_t>(dims[1]) || dims[0] < 1)
-    return ffi::Error::InvalidArgument("lbfgs_direction: expected S, Y [M, P], rho [M] and g [P] with M >= 1");
-  const int64_t memory = dims[0], p = dims[1], m = *stored.typed_data();
-  const float* sd = s.typed_data();
-  const float* yd = y.typed_data();
-  const float* rhod = rho.typed_data();
-  float* r = d->typed_data();
-  std::memcpy(r, g.typed_data(), p * sizeof(float));
-  // the i-th newest slot, and whether it holds a pair (slots with rho = 0 would add nothing)
+// L-BFGS's search direction d = -H g [P] by the two-loop recursion, as probe/lbfgs.py forms it.
+// S, Y [M, P]: the stored steps and gradient changes, slot (stored - 1 - i) mod M the i-th newest;
+// rho [M] = 1 / (s . y), 0 for an empty slot. H's initial scale is s.y / y.y of the newest pair (1
+// when none is stored).
+void two_loop(const float* sd, const float* yd, const float* rhod, const float* g, int64_t stored, int64_t memory,
+              int64_t p, float* r) {
+  std::memcpy(r, g, p * sizeof(float));
+  // the stored slots, newest first (empty ones, rho = 0, would add nothing)
   std::vector<int64_t> order;
   for (int64_t i = 0; i < memory; ++i) {
-    const int64_t slot = (((m - 1 - i) % memory) + memory) % memory;
+    const int64_t slot = (((stored - 1 - i) % memory) + memory) % memory;
     if (rhod[slot] != 0.0f) order.push_back(slot);
   }
   float gamma = 1.0f;
-  if (m > 0) {
-    const int64_t newest = (((m - 1) % memory) + memory) % memory;
+  if (stored > 0) {
+    const int64_t newest = (((stored - 1) % memory) + memory) % memory;
     const float* yn = yd + newest * p;
     const float yy = dot(yn, yn, p), sy = dot(sd + newest * p, yn, p);
     if (yy > 0.0f) gamma = sy / std::max(yy, 1e-30f);
@@ -603,19 +632,161 @@ ffi::Error LbfgsDirectionImpl(ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::F32> y, 
   }
   if (pairs > 0) add_then_dot(r, sd + order[0] * p, coef, nullptr, p);
   for (int64_t i = 0; i < p; ++i) r[i] = -r[i];
+}
+
+// The probe's objective on standardised features, as a function of theta = [W (D x C, row-major),
+// b (C)]: sum_n share_n CE(W^T xs_n + b) + lam / 2 ||W||^2 with xs = (x - mean) / scale, evaluated on
+// the raw features x with the standardisation folded into the weights: W' = W / scale,
+// bias = b - (mean / scale) W, and d/dW = gx / scale - (mean / scale) gb^T + lam W (probe/linear.py's
+// _fit_logistic_one).
+class Objective {
+ public:
+  Objective(DataTerm& term, const float* mean, const float* scale, float lam, int64_t d, int64_t c)
+      : term_(term), scale_(scale, scale + d), lam_(lam), d_(d), c_(c), shift_(d), w_raw_(d * c), bias_raw_(c),
+        gx_(d * c), gb_(c) {
+    for (int64_t row = 0; row < d; ++row) shift_[row] = mean[row] / scale[row];
+  }
+
+  // the value, and the gradient [D * C + C] into grad
+  float operator()(const float* theta, float* grad) {
+    const float* w = theta;
+    const float* b = theta + d_ * c_;
+    for (int64_t cls = 0; cls < c_; ++cls) bias_raw_[cls] = b[cls];
+    double penalty = 0.0;
+    for (int64_t row = 0; row < d_; ++row)
+      for (int64_t cls = 0; cls < c_; ++cls) {
+        const float entry = w[row * c_ + cls];
+        w_raw_[row * c_ + cls] = entry / scale_[row];
+        bias_raw_[cls] -= shift_[row] * entry;
+        penalty += static_cast<double>(entry) * entry;
+      }
+    const double loss = term_.evaluate(w_raw_.data(), bias_raw_.data(), gx_.data(), gb_.data());
+    for (int64_t row = 0; row < d_; ++row)
+      for (int64_t cls = 0; cls < c_; ++cls)
+        grad[row * c_ + cls] = gx_[row * c_ + cls] / scale_[row] - shift_[row] * gb_[cls] + lam_ * w[row * c_ + cls];
+    for (int64_t cls = 0; cls < c_; ++cls) grad[d_ * c_ + cls] = gb_[cls];
+    return static_cast<float>(loss + 0.5 * lam_ * penalty);
+  }
+
+ private:
+  DataTerm& term_;
+  std::vector<float> scale_;
+  float lam_;
+  int64_t d_, c_;
+  std::vector<float> shift_, w_raw_, bias_raw_, gx_, gb_;
+};
+
+// the largest |entry| of v; NaN if v holds one (then the fit stops, as jnp.max would say)
+float largest_magnitude(const std::vector<float>& v) {
+  float top = 0.0f;
+  for (float entry : v) {
+    if (std::isnan(entry)) return NAN;
+    top = std::max(top, std::fabs(entry));
+  }
+  return top;
+}
+
+// probe/lbfgs.py's minimize, step for step, on the objective above: the same direction, the same
+// first step, the same Armijo backtracking and curvature test, the same stopping rule. In XLA each
+// iteration's bookkeeping was ~35 small ops (57 us per iteration at P = 8200, beside a 0.3 ms
+// evaluation); here it is a few passes over P floats.
+ffi::Error LogisticFitImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
+                           ffi::Buffer<ffi::S32> labels, ffi::Buffer<ffi::F32> share, ffi::Buffer<ffi::F32> mean,
+                           ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> lam, ffi::Buffer<ffi::F32> w0,
+                           ffi::Buffer<ffi::F32> b0, ffi::Buffer<ffi::F32> tol, int64_t max_iter, int64_t memory,
+                           int64_t max_backtracks, ffi::ResultBuffer<ffi::F32> w_out, ffi::ResultBuffer<ffi::F32> b_out,
+                           ffi::ResultBuffer<ffi::S32> counts) {
+  const auto x_dims = x.dimensions();
+  const auto w_dims = w0.dimensions();
+  if (x_dims.size() != 3 || w_dims.size() != 2 || w_dims[0] != x_dims[2] ||
+      b0.element_count() != static_cast<size_t>(w_dims[1]) || mean.element_count() != static_cast<size_t>(x_dims[2]) ||
+      scale.element_count() != static_cast<size_t>(x_dims[2]))
+    return ffi::Error::InvalidArgument("logistic_fit: expected X [L, N, D], W0 [D, C], b0 [C], mean and scale [D]");
+  if (memory < 1 || max_iter < 0 || max_backtracks < 0)
+    return ffi::Error::InvalidArgument("logistic_fit: memory must be >= 1, max_iter and max_backtracks >= 0");
+  const int64_t n = x_dims[1], d = x_dims[2], c = w_dims[1], l = *layer.typed_data();
+  const std::string problem = check_data("logistic_fit", x_dims, l, c, labels, share);
+  if (!problem.empty()) return ffi::Error::InvalidArgument(problem);
+
+  DataTerm term(pool, x.typed_data() + l * n * d, n, d, c, labels.typed_data(), share.typed_data());
+  Objective objective(term, mean.typed_data(), scale.typed_data(), *lam.typed_data(), d, c);
+  const int64_t p = d * c + c;
+  const float tolerance = *tol.typed_data();
+  std::vector<float> theta(p), grad(p), direction(p), trial(p), trial_grad(p), step(p), change(p);
+  std::memcpy(theta.data(), w0.typed_data(), d * c * sizeof(float));
+  std::memcpy(theta.data() + d * c, b0.typed_data(), c * sizeof(float));
+  std::vector<float> steps(memory * p, 0.0f), changes(memory * p, 0.0f), rho(memory, 0.0f);
+  float value = objective(theta.data(), grad.data());
+  int64_t iterations = 0, evaluations = 1, stored = 0;
+  for (;;) {
+    const float top = largest_magnitude(grad);
+    if (iterations >= max_iter || !(top > tolerance)) break;
+    two_loop(steps.data(), changes.data(), rho.data(), grad.data(), stored, memory, p, direction.data());
+    float slope = dot(direction.data(), grad.data(), p);
+    if (!(slope < 0.0f)) {  // not a descent direction: steepest descent
+      for (int64_t i = 0; i < p; ++i) direction[i] = -grad[i];
+      slope = -dot(grad.data(), grad.data(), p);
+    }
+    // the first step of a run has no curvature information: keep it small
+    float t = stored == 0 ? std::min(1.0f, 1.0f / std::max(top, 1e-12f)) : 1.0f;
+    auto evaluate_at = [&](float step) {
+      for (int64_t i = 0; i < p; ++i) trial[i] = theta[i] + step * direction[i];
+      return objective(trial.data(), trial_grad.data());
+    };
+    float trial_value = evaluate_at(t);
+    int64_t backtracks = 0;
+    while (trial_value > value + 1e-4f * t * slope && backtracks < max_backtracks) {
+      t *= 0.5f;
+      trial_value = evaluate_at(t);
+      ++backtracks;
+    }
+    // the curvature pair s = t d, y = g_new - g, kept when s . y > 1e-10
+    for (int64_t i = 0; i < p; ++i) {
+      step[i] = t * direction[i];
+      change[i] = trial_grad[i] - grad[i];
+    }
+    const float sy = dot(step.data(), change.data(), p);
+    if (sy > 1e-10f) {
+      const int64_t slot = stored % memory;
+      std::copy(step.begin(), step.end(), steps.begin() + slot * p);
+      std::copy(change.begin(), change.end(), changes.begin() + slot * p);
+      rho[slot] = 1.0f / sy;
+      ++stored;
+    }
+    for (int64_t i = 0; i < p; ++i) theta[i] += step[i];
+    value = trial_value;
+    grad.swap(trial_grad);
+    ++iterations;
+    evaluations += 1 + backtracks;
+  }
+  std::memcpy(w_out->typed_data(), theta.data(), d * c * sizeof(float));
+  std::memcpy(b_out->typed_data(), theta.data() + d * c, c * sizeof(float));
+  counts->typed_data()[0] = static_cast<int32_t>(iterations);
+  counts->typed_data()[1] = static_cast<int32_t>(evaluations);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmJaxLbfgsDirection, LbfgsDirectionImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmJaxLogisticFit, LogisticFitImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // X
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // labels
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // share
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mean
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lam
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // W0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // tol
+                                  .Attr<int64_t>("max_iter")
+                                  .Attr<int64_t>("memory")
+                                  .Attr<int64_t>("max_backtracks")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VlmJaxLogisticEval, LogisticEvalImpl,
                               ffi::Ffi::Bind()

@@ -18,15 +18,17 @@ import jax
 import jax.numpy as jnp
 
 
+MEMORY = 10  # curvature pairs kept
+MAX_BACKTRACKS = 20  # step halvings per line search
+
+
 def minimize(value_and_grad: Callable, x0: jax.Array, *, max_iter: int = 200, tol: float = 1e-4,
-             memory: int = 10, max_backtracks: int = 20,
-             two_loop: Callable | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+             memory: int = MEMORY, max_backtracks: int = MAX_BACKTRACKS) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Minimises f from x0 [n]; value_and_grad(x) -> (f [], g [n]).
 
-    two_loop(S [memory, n], Y [memory, n], rho [memory], g [n], stored []) -> -H g [n], if given,
-    replaces the recursion written here in jnp (probe/cpu_kernel.lbfgs_direction: the same
-    recursion in one CPU call). Returns (x [n], iterations [] int32, evaluations [] int32: calls of
-    value_and_grad)."""
+    Returns (x [n], iterations [] int32, evaluations [] int32: calls of value_and_grad).
+    probe/cpu_kernel.logistic_fit runs this algorithm step for step in C++ for logistic probes on
+    CPU: a change here must be made there too (vlm_jax/native/logistic_probe.cc, LogisticFitImpl)."""
     n = x0.shape[0]
     # Keep x0 opaque to XLA: with a constant (e.g. zeros) starting point, XLA CPU (jaxlib 0.10)
     # miscompiles the fused dot + reduction of the first evaluation (max over X @ 0 gave -inf).
@@ -44,8 +46,6 @@ def minimize(value_and_grad: Callable, x0: jax.Array, *, max_iter: int = 200, to
         iteration than the compact (matrix) form, whose small solves and gathers each cost a
         kernel launch."""
         S, Y, rho, g = state["S"], state["Y"], state["rho"], state["g"]
-        if two_loop is not None:
-            return two_loop(S, Y, rho, g, state["m"])
         newest = (state["m"] - 1) % memory  # a stored pair whenever m > 0
         yy = jnp.dot(Y[newest], Y[newest])
         gamma = jnp.where((state["m"] > 0) & (yy > 0), jnp.dot(S[newest], Y[newest]) / jnp.maximum(yy, 1e-30), 1.0)

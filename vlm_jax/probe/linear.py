@@ -7,8 +7,9 @@ features (train-split mean and std); an L2 strength is picked per layer on held-
 Logistic probes minimise  mean cross-entropy + lambda / 2 * ||W||^2  (intercept not
 penalised; scikit-learn's C corresponds to lambda = 1 / (C * N)) with L-BFGS (probe/lbfgs.py). Layers
 run one after another inside one compiled call (lax.map), which keeps a layer's features in
-cache across all of its fits. On CPU, float32 fits evaluate the loss and gradient with a fused
-kernel (probe/cpu_kernel.py); elsewhere with XLA's products on a transposed copy of each layer.
+cache across all of its fits. On CPU, each float32 fit is one call of a C++ kernel that runs the same
+L-BFGS around fused loss evaluations (probe/cpu_kernel.py); elsewhere lbfgs.minimize runs with
+XLA's products on a transposed copy of each layer.
 Within a layer, each fold's strengths are fitted from the strongest to the weakest, each starting
 from the previous solution (the path of scikit-learn's LogisticRegressionCV); the refit on all
 training data starts from zero.
@@ -103,17 +104,7 @@ def _xla_data_term(XT, YT, share):
     return data_term
 
 
-def _kernel_data_term(X, layer, y, share):
-    """The same data term from the fused CPU kernel (probe/cpu_kernel.py), on X [L, N, D] as it is."""
-
-    def data_term(W_raw, bias):
-        return cpu_kernel.logistic_eval(X, layer, W_raw, bias, y, share)
-
-    return data_term
-
-
-def _fit_logistic_one(data_term, d, n_classes, mean, scale, lam, W0, b0, max_iter: int, tol: float,
-                      two_loop=None):
+def _fit_logistic_one(data_term, d, n_classes, mean, scale, lam, W0, b0, max_iter: int, tol: float):
     """One softmax regression on standardised features, without materialising them.
 
     data_term(W' [D, C], bias [C]) -> (loss [], X^T G [D, C], sum_n G [C]) evaluates the mean
@@ -124,7 +115,6 @@ def _fit_logistic_one(data_term, d, n_classes, mean, scale, lam, W0, b0, max_ite
     [2], minimising
     sum(share * CE) + lam / 2 ||W||^2 (intercept not penalised).
     The standardisation is folded into the weights: W' = W / scale, bias = b - (mean / scale) W.
-    two_loop: lbfgs.minimize's recursion (the CPU kernel's with use_kernel; None: its jnp one).
     """
     shift = mean / scale
 
@@ -136,7 +126,7 @@ def _fit_logistic_one(data_term, d, n_classes, mean, scale, lam, W0, b0, max_ite
         return value, jnp.concatenate([g_W.reshape(-1), g_b])
 
     x0 = jnp.concatenate([W0.reshape(-1), b0]).astype(mean.dtype)
-    x, iterations, evaluations = lbfgs.minimize(value_and_grad, x0, max_iter=max_iter, tol=tol, two_loop=two_loop)
+    x, iterations, evaluations = lbfgs.minimize(value_and_grad, x0, max_iter=max_iter, tol=tol)
     return x[: d * n_classes].reshape(d, n_classes), x[d * n_classes:], jnp.stack([iterations, evaluations])
 
 
@@ -152,8 +142,9 @@ def _fit_logistic_layers(X, y, weights, lambdas, n_classes: int, max_iter: int, 
     from the previous one's solution (a regularisation path): a warm start needs fewer
     iterations, and one unbatched fit at a time avoids what a vmapped while loop costs (it
     selects its whole state on every iteration, and runs every fit until the slowest is done).
-    use_kernel (float32 on CPU): evaluate with the fused CPU kernel on X itself; otherwise with
-    XLA's products on a transposed copy of each layer.
+    use_kernel (float32 on CPU): each fit is one call of the CPU kernel (cpu_kernel.logistic_fit:
+    the same L-BFGS, evaluating on X itself); otherwise lbfgs.minimize with XLA's products on a
+    transposed copy of each layer.
     """
     dtype = jnp.promote_types(X.dtype, jnp.float32)  # float64 inputs (with jax x64) stay float64
     X = X.astype(dtype)
@@ -174,12 +165,13 @@ def _fit_logistic_layers(X, y, weights, lambdas, n_classes: int, max_iter: int, 
 
         def path(fold_weights):  # -> W [M, D, C], b [M, C], counts [M, 2], in the order of lam
             share = fold_weights / jnp.sum(fold_weights)
-            if use_kernel:
-                data_term = _kernel_data_term(X, layer, y, share)
+            if use_kernel:  # the whole fit in one call: the same L-BFGS, without XLA's per-op cost
+                def fit(lam_m, W0, b0):
+                    return cpu_kernel.logistic_fit(X, layer, y, share, mean, scale, lam_m, W0, b0, tol,
+                                                   max_iter=max_iter)
             else:
-                data_term = _xla_data_term(XT, YT, share)
-            fit = functools.partial(_fit_logistic_one, data_term, d, n_classes, mean, scale, max_iter=max_iter,
-                                    tol=tol, two_loop=cpu_kernel.lbfgs_direction if use_kernel else None)
+                fit = functools.partial(_fit_logistic_one, _xla_data_term(XT, YT, share), d, n_classes, mean, scale,
+                                        max_iter=max_iter, tol=tol)
 
             def next_strength(start, lam_m):
                 W, b, counts = fit(lam_m, *start)
