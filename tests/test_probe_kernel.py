@@ -108,6 +108,8 @@ def test_kernel_fit_rejects_mismatched_shapes():
     args = (X, 0, jnp.zeros(10, jnp.int32), jnp.full(10, 0.1), jnp.zeros(6), jnp.ones(6), 1e-3)
     with pytest.raises(ValueError, match=r"W0 \[D, C\] with D = 6"):
         cpu_kernel.logistic_fit(*args, jnp.zeros((5, 3)), jnp.zeros(3), 1e-4, max_iter=10)
+    with pytest.raises(ValueError, match="one L2 strength and one tolerance"):
+        cpu_kernel.logistic_fit(*args[:6], jnp.ones(2), jnp.zeros((6, 3)), jnp.zeros(3), 1e-4, max_iter=10)
     with pytest.raises(ValueError, match=r"mean and scale \[D\]"):
         cpu_kernel.logistic_fit(*args[:4], jnp.zeros(5), *args[5:], jnp.zeros((6, 3)), jnp.zeros(3), 1e-4, max_iter=10)
 
