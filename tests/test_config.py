@@ -54,3 +54,21 @@ def test_logical_axes_cover_every_parameter():
 def test_cpu_benchmark_preset_size():
     count = P.count(vj.abstract_params(vj.preset("llava-1.5-cpu-60m")))
     assert 50e6 < count < 70e6
+
+
+def test_the_package_imports_its_names_on_first_use():
+    """`import vlm_jax` imports no jax (the command line restarts itself with malloc tunables
+    before anything heavy is imported); every public name and subpackage still resolves."""
+    import subprocess
+    import sys
+
+    code = ("import sys, vlm_jax; assert 'jax' not in sys.modules, 'import vlm_jax imported jax'; "
+            "import vlm_jax.cli; assert 'jax' not in sys.modules, 'import vlm_jax.cli imported jax'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert sorted(vj.__all__) == sorted(vj._EXPORTS)
+    for name in vj.__all__:
+        assert getattr(vj, name) is not None
+    assert vj.forward is vj.models.llava.forward and vj.probe.__name__ == "vlm_jax.probe"
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        vj.no_such_name
