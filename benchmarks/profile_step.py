@@ -230,7 +230,8 @@ def main() -> None:
     parser.add_argument("--workload", choices=("full", "lora", "forward", "prefill", "decode"), default="full")
     parser.add_argument("--remat", default="dots", help="TrainConfig.remat of the training workloads")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=2, help="executions traced (after 5 untraced ones and a discarded traced pass)")
+    parser.add_argument("--steps", type=int, default=2,
+                        help="executions traced (after 5 untraced ones and a discarded traced pass)")
     parser.add_argument("--top", type=int, default=12, help="how many of the costliest ops to list")
     parser.add_argument("--workdir", default="/tmp/vlm_jax_bench")
     parser.add_argument("--tiny", action="store_true", help="a tiny model: a smoke run of this script")

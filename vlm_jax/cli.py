@@ -149,8 +149,8 @@ def cmd_probe(args) -> int:
     labels = np.load(labels_path, allow_pickle=False)
     if labels.shape[:1] != X.shape[1:2]:
         raise ProbeDataError(f"{args.features} holds {X.shape[1]} examples but the labels at {labels_path} have "
-                             f"{labels.shape[0] if labels.ndim else 0}. Fix: pass --labels with one label per example, in "
-                             "the dataset's order.")
+                             f"{labels.shape[0] if labels.ndim else 0}. Fix: pass --labels with one label per "
+                             "example, in the dataset's order.")
     order = np.random.default_rng(args.seed).permutation(len(labels))
     n_test = int(round(args.test_fraction * len(labels)))
     test, train = np.sort(order[:n_test]), np.sort(order[n_test:])

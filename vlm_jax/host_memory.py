@@ -21,8 +21,9 @@ be higher: loading a checkpoint peaked at 1.36x / 1.65x its size (safetensors / 
 glibc reads its tunables when a process starts, so they cannot be switched on from inside Python.
 This module sets them for the processes it starts (`environment`), or restarts the current one with
 them (`restart_with_tunables`): experiments/run_all.py starts the studies with them, and the
-benchmark scripts and the `vlm-jax` jobs extract, probe and finetune restart themselves with them. In your own scripts and notebooks set
-GLIBC_TUNABLES as above. `VLM_JAX_MALLOC_TUNABLES=0` keeps plain malloc everywhere.
+benchmark scripts and the `vlm-jax` jobs extract, probe and finetune restart themselves with them.
+In your own scripts and notebooks set GLIBC_TUNABLES as above. `VLM_JAX_MALLOC_TUNABLES=0` keeps
+plain malloc everywhere.
 """
 
 from __future__ import annotations

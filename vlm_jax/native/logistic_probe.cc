@@ -563,9 +563,8 @@ float dot(const float* __restrict__ a, const float* __restrict__ b, int64_t p) {
   return total;
 }
 
-// v += coef * add (skipped when add is null), then the dot product of `with` and the new v
-// (0 when with is null): one pass over v for each step of the two-loop recursion, where XLA runs
-// the update and the next dot as separate ops (~60 us of small ops per iteration at P = 8200).
+// v += coef * add, then the dot product of `with` and the new v, in one pass over v: the two-loop
+// recursion's steps each update its vector and take the next dot with it.
 float add_then_dot(float* __restrict__ v, const float* __restrict__ add, float coef, const float* __restrict__ with,
                    int64_t p) {
   using wide = vlm_jax_native::vec_of<vlm_jax_native::kWideLanes>;
@@ -574,24 +573,24 @@ float add_then_dot(float* __restrict__ v, const float* __restrict__ add, float c
   wide acc0{}, acc1{};
   int64_t i = 0;
   for (; i + 2 * W <= p; i += 2 * W) {
-    wide v0 = vlm_jax_native::load<W>(v + i), v1 = vlm_jax_native::load<W>(v + i + W);
-    if (add) {
-      v0 += c * vlm_jax_native::load<W>(add + i);
-      v1 += c * vlm_jax_native::load<W>(add + i + W);
-      vlm_jax_native::store(v + i, v0);
-      vlm_jax_native::store(v + i + W, v1);
-    }
-    if (with) {
-      acc0 += v0 * vlm_jax_native::load<W>(with + i);
-      acc1 += v1 * vlm_jax_native::load<W>(with + i + W);
-    }
+    const wide v0 = vlm_jax_native::load<W>(v + i) + c * vlm_jax_native::load<W>(add + i);
+    const wide v1 = vlm_jax_native::load<W>(v + i + W) + c * vlm_jax_native::load<W>(add + i + W);
+    vlm_jax_native::store(v + i, v0);
+    vlm_jax_native::store(v + i + W, v1);
+    acc0 += v0 * vlm_jax_native::load<W>(with + i);
+    acc1 += v1 * vlm_jax_native::load<W>(with + i + W);
   }
   float total = vlm_jax_native::sum_lanes(acc0 + acc1);
   for (; i < p; ++i) {
-    if (add) v[i] += coef * add[i];
-    if (with) total += v[i] * with[i];
+    v[i] += coef * add[i];
+    total += v[i] * with[i];
   }
   return total;
+}
+
+// v += coef * add
+void add_scaled(float* __restrict__ v, const float* __restrict__ add, float coef, int64_t p) {
+  for (int64_t i = 0; i < p; ++i) v[i] += coef * add[i];
 }
 
 // L-BFGS's search direction d = -H g [P] by the two-loop recursion, as probe/lbfgs.py forms it.
@@ -619,19 +618,21 @@ void two_loop(const float* sd, const float* yd, const float* rhod, const float* 
   const int64_t pairs = static_cast<int64_t>(order.size());
   std::vector<float> alpha(pairs);
   for (int64_t i = 0; i < pairs; ++i) {
-    const float* previous = i > 0 ? yd + order[i - 1] * p : nullptr;
-    alpha[i] = rhod[order[i]] * add_then_dot(r, previous, i > 0 ? -alpha[i - 1] : 0.0f, sd + order[i] * p, p);
+    const float* s_i = sd + order[i] * p;
+    alpha[i] =
+        rhod[order[i]] * (i == 0 ? dot(s_i, r, p) : add_then_dot(r, yd + order[i - 1] * p, -alpha[i - 1], s_i, p));
   }
-  if (pairs > 0) add_then_dot(r, yd + order[pairs - 1] * p, -alpha[pairs - 1], nullptr, p);
+  if (pairs > 0) add_scaled(r, yd + order[pairs - 1] * p, -alpha[pairs - 1], p);
   for (int64_t i = 0; i < p; ++i) r[i] *= gamma;
   // second loop, oldest to newest: beta_i = rho_i y_i.r, then r += (alpha_i - beta_i) s_i
   float coef = 0.0f;
   for (int64_t i = pairs - 1; i >= 0; --i) {
-    const float* previous = i < pairs - 1 ? sd + order[i + 1] * p : nullptr;
-    const float beta = rhod[order[i]] * add_then_dot(r, previous, coef, yd + order[i] * p, p);
+    const float* y_i = yd + order[i] * p;
+    const float beta =
+        rhod[order[i]] * (i == pairs - 1 ? dot(y_i, r, p) : add_then_dot(r, sd + order[i + 1] * p, coef, y_i, p));
     coef = alpha[i] - beta;
   }
-  if (pairs > 0) add_then_dot(r, sd + order[0] * p, coef, nullptr, p);
+  if (pairs > 0) add_scaled(r, sd + order[0] * p, coef, p);
   for (int64_t i = 0; i < p; ++i) r[i] = -r[i];
 }
 
@@ -643,7 +644,7 @@ void two_loop(const float* sd, const float* yd, const float* rhod, const float* 
 class Objective {
  public:
   Objective(DataTerm& term, const float* mean, const float* scale, float lam, int64_t d, int64_t c)
-      : term_(term), scale_(scale, scale + d), lam_(lam), d_(d), c_(c), shift_(d), w_raw_(d * c), bias_raw_(c),
+      : term_(term), scale_(scale), lam_(lam), d_(d), c_(c), shift_(d), w_raw_(d * c), bias_raw_(c),
         penalty_(c), gx_(d * c), gb_(c) {
     for (int64_t row = 0; row < d; ++row) shift_[row] = mean[row] / scale[row];
   }
@@ -675,7 +676,7 @@ class Objective {
 
  private:
   DataTerm& term_;
-  std::vector<float> scale_;
+  const float* scale_;  // [D], the caller's
   float lam_;
   int64_t d_, c_;
   std::vector<float> shift_, w_raw_, bias_raw_, penalty_, gx_, gb_;
