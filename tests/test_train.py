@@ -146,6 +146,24 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(model, rando
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state["trainable"]))
 
 
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_step_flags_a_non_finite_parameter_that_the_loss_does_not_see(model, random_llava, tmp_path, bad):
+    """A parameter the batch never reads (the embedding row of an absent token) goes non-finite:
+    the loss and the gradient norm stay finite, and the step's flag still says so."""
+    trainer = Trainer(config(random_llava, tmp_path, max_steps=1), model=model)
+    batch = trainer._place(trainer.batch(0))
+    state = trainer.initial_state()
+    assert bool(trainer._step(state, trainer.frozen, batch)[1]["finite"])
+    state = trainer.initial_state()
+    name = "language_model/embed_tokens/embedding"
+    embed = state["trainable"][name]
+    absent = sorted(set(range(embed.shape[0])) - set(np.asarray(batch["input_ids"]).ravel().tolist()))[-1]
+    state["trainable"][name] = embed.at[absent, 3].set(bad)
+    _, metrics = trainer._step(state, trainer.frozen, batch)
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert not bool(metrics["finite"])
+
+
 def test_bad_training_inputs(model, random_llava, tmp_path):
     with pytest.raises(UnknownParametersError, match="no parameters match 'vision_towr'.*vision_tower"):
         Trainer(config(random_llava, tmp_path, trainable="vision_towr"), model=model)
