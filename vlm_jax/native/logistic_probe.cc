@@ -25,14 +25,16 @@
 // gradient) from a transposed copy made per layer, and the logits product runs at about half of
 // the machine's matmul rate. Here the examples are taken kTile at a time: their logits, softmax
 // and gradient contribution are computed while their rows of X sit in L2, so X is read once per
-// evaluation and never copied. Both products multiply 4 consecutive features of an example,
-// loaded once into both halves of a vector, with a vector of two classes' weights (see quad());
-// 12 independent multiply-add chains per register tile keep both FMA units busy. With AVX-512
-// the same layouts are read as 16-lane vectors of four classes (see quad_x4()): 1.6x faster per
-// evaluation on an AVX-512 EPYC (3000 x 1024 features, 8 classes: 0.56 -> 0.34 ms). Blocks of
-// kBlock examples are shared among the threads of XLA's intra-op pool; each thread sums into its
-// own partial gradient, and the caller adds the partials up. benchmarks/RESULTS.md has the
-// measurements that chose each of these.
+// evaluation and never copied. The logits multiply 4 consecutive features of an example, loaded
+// once into both halves of a vector, with a vector of two classes' weights (see quad()); 12
+// independent multiply-add chains per register tile keep both FMA units busy. With AVX-512 the
+// same layout is read as 16-lane vectors of four classes (see quad_x4()): 1.6x faster per
+// evaluation on an AVX-512 EPYC (3000 x 1024 features, 8 classes: 0.56 -> 0.34 ms). The gradient
+// uses the quad layout with 8-lane vectors; with AVX-512 it is taken class-major instead, a whole
+// line of an example's row at a time (gradient_classes). Blocks of kBlock examples are shared
+// among the threads of XLA's intra-op pool; each thread sums into its own partial gradient, and
+// the caller adds the partials up. benchmarks/RESULTS.md has the measurements that chose each of
+// these.
 
 #include <algorithm>
 #include <atomic>
@@ -70,27 +72,26 @@ constexpr int64_t kBlock = 96;  // examples per unit of work shared among thread
 // examples whose logits, softmax and gradient are computed together: their rows of X (96 KB at
 // D = 1024) stay in L2 between the logits and the gradient; a multiple of kLogitExamples
 constexpr int kTile = 24;
-// examples per pass of the gradient's register tiles (a divisor of kTile). A pass reads a feature
-// quad of each of its examples in turn; rows of X a multiple of 4 KB long (D = 1024) map to the
-// same L1 sets, and 24 of them, more than the cache's ways, missed L1 on every read. Two passes of
-// 12 took the gradient from 144 to 174 GFLOP/s on one AVX-512 EPYC core (D = 1040: 193 / 187).
+// examples per pass of the 8-lane gradient's register tiles (a divisor of kTile). A pass reads a
+// feature quad of each of its examples in turn; rows of X a multiple of 4 KB long (D = 1024) map to
+// the same L1 sets, and 24 of them, more than the cache's ways, missed L1 on every read (measured
+// with this form on AVX-512: 144 GFLOP/s per core in one pass of 24, 174 in two of 12).
 constexpr int kGradientExamples = 12;
 static_assert(kTile % kGradientExamples == 0);
-constexpr int kGradientQuads = 3;  // feature quads per register tile of the gradient
+constexpr int kGradientQuads = 3;  // feature quads per register tile of the 8-lane gradient
 constexpr int kLogitExamples = 3;  // examples per register tile of the logits
-// the same with AVX-512's 16-lane vectors and 32 registers (12 accumulator chains each)
-constexpr int kWideGradientQuads = 6;
+// the same with AVX-512's 16-lane vectors and 32 registers (12 accumulator chains)
 constexpr int kWideLogitExamples = 6;
 
 
 typedef float vec4 __attribute__((vector_size(4 * sizeof(float))));
 
-// Both products use one layout trick. A 128-bit load of 4 consecutive features of an example,
-// duplicated into both halves of a vector ("quad"), is multiplied with a vector that holds two
-// classes' values for those 4 features: lanes (h, i) = class 2p + h, feature 4q + i. One load
-// then feeds one multiply-add per class pair (4 for 8 classes), where broadcasting single
-// features needs a load for every multiply-add; with 8 classes per vector, loads and not
-// arithmetic would bound both products.
+// The logits and the 8-lane gradient use one layout trick. A 128-bit load of 4 consecutive
+// features of an example, duplicated into both halves of a vector ("quad"), is multiplied with a
+// vector that holds two classes' values for those 4 features: lanes (h, i) = class 2p + h, feature
+// 4q + i. One load then feeds one multiply-add per class pair (4 for 8 classes), where
+// broadcasting single features needs a load for every multiply-add; with 8 classes per vector,
+// loads and not arithmetic would bound both products.
 inline vec quad(const float* x) {
 #if defined(__AVX__)
   return (vec)_mm256_broadcast_ps(reinterpret_cast<const __m128*>(x));  // one load, no shuffle
@@ -110,7 +111,7 @@ inline void in_register(vec&) {}
 #endif
 
 #if defined(__AVX512F__)
-// With AVX-512 the products run on 16-lane vectors. Two consecutive pair vectors of the layouts
+// With AVX-512 the logits run on 16-lane vectors. Two consecutive pair vectors of the layouts
 // below (pairs 2r and 2r + 1) are, read as one 16-lane vector, a class quad: lanes (h, i) = class
 // 4r + h, feature 4q + i. A feature quad broadcast into all four quarters of a vector then feeds
 // one multiply-add per class quad, and the halves of a quad's accumulator are the accumulators
@@ -118,7 +119,6 @@ inline void in_register(vec&) {}
 using wide = vlm_jax_native::vec_of<16>;
 inline wide quad_x4(const float* x) { return (wide)_mm512_broadcast_f32x4(_mm_loadu_ps(x)); }
 inline wide load_quad(const vec* pairs) { return vlm_jax_native::load<16>(reinterpret_cast<const float*>(pairs)); }
-inline void store_quad(vec* pairs, wide v) { vlm_jax_native::store(reinterpret_cast<float*>(pairs), v); }
 inline vec low_half(wide v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7); }
 inline vec high_half(wide v) { return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15); }
 inline void in_register(wide& a) { asm("" : "+v"(a)); }
@@ -135,8 +135,9 @@ struct Problem {
 };
 
 struct Partial {  // one thread's sums, and its scratch space
-  std::vector<vec> gq;  // [Q, K, 4] gradient in the layout of wq
+  std::vector<vec> gq;  // [Q, K, 4] gradient in the layout of wq (8-lane builds)
   std::vector<vec> gt;  // [D - 4Q, K]
+  std::vector<float> gc;  // [8K, D] gradient, class-major (AVX-512 builds)
   std::vector<vec> gb;  // [K]
   double loss = 0.0;
   std::vector<vec> z;   // [kTile, K] a tile's logits, then d loss / d logits
@@ -239,50 +240,87 @@ inline void logits_tile(const Problem& p, int64_t j, int count, vec* z) {
 #endif
 }
 
-// How the gradient's register tile reads the pair layout: as 4 pair vectors of 8 lanes, or with
-// AVX-512 as 2 class-quad vectors of 16 lanes; x(p) loads a feature quad to multiply them with.
-struct PairBlocks {
-  using type = vec;
-  static constexpr int kBlocks = 4;
-  static type x(const float* p) { return quad(p); }
-  static type get(const vec* pairs, int b) { return pairs[b]; }
-  static void put(vec* pairs, int b, type v) { pairs[b] = v; }
-};
 #if defined(__AVX512F__)
-struct QuadBlocks {
-  using type = wide;
-  static constexpr int kBlocks = 2;
-  static type x(const float* p) { return quad_x4(p); }
-  static type get(const vec* pairs, int b) { return load_quad(pairs + 2 * b); }
-  static void put(vec* pairs, int b, type v) { store_quad(pairs + 2 * b, v); }
-};
-using GradientBlocks = QuadBlocks;
-constexpr int kTileQuads = kWideGradientQuads;
-#else
-using GradientBlocks = PairBlocks;
-constexpr int kTileQuads = kGradientQuads;
-#endif
+// With AVX-512 the gradient is taken class-major: gc[cls, f] += sum_t g[t, cls] x[j + t, f] for
+// the 8 classes of a group and kWideGradientVectors 16-lane vectors of features, one example's
+// d loss / d logits broadcast lane by lane. Each line of an example's row is read once, in full, so
+// rows that share L1 sets (D = 1024: every row) cost no reuse; loads are 11 per 24 multiply-adds.
+// One AVX-512 EPYC core, a tile's rows in L2: 215 GFLOP/s against 187 for the quad layout's
+// register tiles on 16-lane vectors (in two passes of 12 examples); a whole 33-layer probe fit
+// (probes.py's) 274.7 -> 243.3 ms.
+constexpr int kWideGradientVectors = 3;
 
+template <int vectors, int count>
+__attribute__((noinline)) void gradient_classes(const float* __restrict__ x, int64_t d, const float* __restrict__ g,
+                                                int64_t g_stride, float* __restrict__ gc) {
+  wide acc[kLanes][vectors];
+#pragma GCC unroll 8
+  for (int cls = 0; cls < kLanes; ++cls)
+#pragma GCC unroll 4
+    for (int v = 0; v < vectors; ++v) acc[cls][v] = vlm_jax_native::load<16>(gc + cls * d + 16 * v);
+#pragma GCC unroll 4
+  for (int t = 0; t < count; ++t, x += d, g += g_stride) {
+    wide xv[vectors];
+#pragma GCC unroll 4
+    for (int v = 0; v < vectors; ++v) xv[v] = vlm_jax_native::load<16>(x + 16 * v);
+#pragma GCC unroll 8
+    for (int cls = 0; cls < kLanes; ++cls) {
+      const wide gt = splat<16>(g[cls]);
+#pragma GCC unroll 4
+      for (int v = 0; v < vectors; ++v) acc[cls][v] += gt * xv[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int cls = 0; cls < kLanes; ++cls)
+#pragma GCC unroll 4
+    for (int v = 0; v < vectors; ++v) vlm_jax_native::store(gc + cls * d + 16 * v, acc[cls][v]);
+}
+
+// gc[8 kk + cls, :] += sum_t g[t, kk][cls] x[j + t, :] for every class group kk; `count` examples
+template <int count>
+inline void gradient_rows(const Problem& p, int64_t j, int64_t kk, const vec* g, float* gc) {
+  const float* x = p.x + j * p.d;
+  const float* gk = reinterpret_cast<const float*>(g + kk);
+  const int64_t g_stride = p.k * kLanes;
+  float* out = gc + kk * kLanes * p.d;
+  int64_t f = 0;
+  for (; f + 16 * kWideGradientVectors <= p.d; f += 16 * kWideGradientVectors)
+    gradient_classes<kWideGradientVectors, count>(x + f, p.d, gk, g_stride, out + f);
+  for (; f + 16 <= p.d; f += 16) gradient_classes<1, count>(x + f, p.d, gk, g_stride, out + f);
+  for (; f < p.d; ++f)  // features after the last whole vector
+    for (int t = 0; t < count; ++t)
+      for (int cls = 0; cls < kLanes; ++cls) out[cls * p.d + f] += gk[t * g_stride + cls] * x[t * p.d + f];
+}
+
+inline void gradient_tile(const Problem& p, int64_t j, int count, const vec* g, vec*, Partial& out) {
+  for (int64_t kk = 0; kk < p.k; ++kk) {
+    if (count == kTile) {
+      gradient_rows<kTile>(p, j, kk, g, out.gc.data());
+    } else {
+      for (int t = 0; t < count; ++t) gradient_rows<1>(p, j + t, kk, g + t * p.k, out.gc.data());
+    }
+  }
+}
+#else
 // gq[q, kk, :] += sum_t quad(x[j + t, 4q:4q+4]) * gp[t, kk, :] for `quads` feature quads at a
 // time, over `count` examples; gp holds each example's d loss / d logits in the pair layout
-template <class Blocks, int quads, int count>
+template <int quads, int count>
 __attribute__((noinline)) void gradient_quads(const float* __restrict__ x, int64_t x_stride,
                                               const vec* __restrict__ g, int64_t g_stride, vec* __restrict__ out,
                                               int64_t out_stride) {
-  constexpr int kBlocks = Blocks::kBlocks;
-  typename Blocks::type acc[quads][kBlocks];
+  vec acc[quads][4];
 #pragma GCC unroll 8
   for (int qi = 0; qi < quads; ++qi)
 #pragma GCC unroll 4
-    for (int b = 0; b < kBlocks; ++b) acc[qi][b] = Blocks::get(out + qi * out_stride, b);
+    for (int b = 0; b < 4; ++b) acc[qi][b] = out[qi * out_stride + b];
 #pragma GCC unroll 8
   for (int t = 0; t < count; ++t, x += x_stride, g += g_stride) {
-    typename Blocks::type xq[quads];
+    vec xq[quads];
 #pragma GCC unroll 8
-    for (int qi = 0; qi < quads; ++qi) xq[qi] = Blocks::x(x + 4 * qi);
+    for (int qi = 0; qi < quads; ++qi) xq[qi] = quad(x + 4 * qi);
 #pragma GCC unroll 4
-    for (int b = 0; b < kBlocks; ++b) {
-      typename Blocks::type gv = Blocks::get(g, b);
+    for (int b = 0; b < 4; ++b) {
+      vec gv = g[b];
       in_register(gv);
 #pragma GCC unroll 8
       for (int qi = 0; qi < quads; ++qi) acc[qi][b] += xq[qi] * gv;
@@ -291,7 +329,7 @@ __attribute__((noinline)) void gradient_quads(const float* __restrict__ x, int64
 #pragma GCC unroll 8
   for (int qi = 0; qi < quads; ++qi)
 #pragma GCC unroll 4
-    for (int b = 0; b < kBlocks; ++b) Blocks::put(out + qi * out_stride, b, acc[qi][b]);
+    for (int b = 0; b < 4; ++b) out[qi * out_stride + b] = acc[qi][b];
 }
 
 // gq[q, kk, :] += sum_t quad(x[j + t, 4q:4q+4]) * gp[t, kk, :] for every whole feature quad q
@@ -299,12 +337,11 @@ template <int count>
 inline void gradient_features(const Problem& p, int64_t j, int64_t kk, const vec* gp, vec* gq) {
   const int64_t stride = p.k * 4;
   int64_t q = 0;
-  for (; q + kTileQuads <= p.q; q += kTileQuads)
-    gradient_quads<GradientBlocks, kTileQuads, count>(p.x + j * p.d + 4 * q, p.d, gp + kk * 4, stride,
-                                                      gq + (q * p.k + kk) * 4, stride);
+  for (; q + kGradientQuads <= p.q; q += kGradientQuads)
+    gradient_quads<kGradientQuads, count>(p.x + j * p.d + 4 * q, p.d, gp + kk * 4, stride, gq + (q * p.k + kk) * 4,
+                                          stride);
   for (; q < p.q; ++q)
-    gradient_quads<GradientBlocks, 1, count>(p.x + j * p.d + 4 * q, p.d, gp + kk * 4, stride, gq + (q * p.k + kk) * 4,
-                                             stride);
+    gradient_quads<1, count>(p.x + j * p.d + 4 * q, p.d, gp + kk * 4, stride, gq + (q * p.k + kk) * 4, stride);
 }
 
 inline void gradient_tile(const Problem& p, int64_t j, int count, const vec* g, vec* gp, Partial& out) {
@@ -331,6 +368,8 @@ inline void gradient_tile(const Problem& p, int64_t j, int count, const vec* g, 
     }
   }
 }
+
+#endif
 
 inline float horizontal_max(vec v) {
   float m = v[0];
@@ -411,8 +450,12 @@ class DataTerm {
         problem_{x_layer, wq_.data(), wt_.data(), bias_.data(), labels, share, d, n, c, k_, quads_},
         partials_(slots_for(pool, blocks_)) {
     for (Partial& part : partials_) {
+#if defined(__AVX512F__)
+      part.gc.resize(k_ * kLanes * d_);
+#else
       part.gq.resize(wq_.size());
       part.gt.resize(wt_.size());
+#endif
       part.gb.resize(k_);
       part.z.assign(kTile * k_, vec{});
       part.gp.assign(kTile * k_ * 4, vec{});
@@ -429,6 +472,7 @@ class DataTerm {
     std::fill(bias_.begin(), bias_.end(), splat(-INFINITY));
     for (int64_t cls = 0; cls < c_; ++cls) bias_[cls / kLanes][cls % kLanes] = bias[cls];
     for (Partial& part : partials_) {
+      std::fill(part.gc.begin(), part.gc.end(), 0.0f);
       std::fill(part.gq.begin(), part.gq.end(), vec{});
       std::fill(part.gt.begin(), part.gt.end(), vec{});
       std::fill(part.gb.begin(), part.gb.end(), vec{});
@@ -440,13 +484,19 @@ class DataTerm {
     Partial& total = partials_[0];
     for (size_t slot = 1; slot < partials_.size(); ++slot) {
       const Partial& part = partials_[slot];
+      for (size_t i = 0; i < total.gc.size(); ++i) total.gc[i] += part.gc[i];
       for (size_t i = 0; i < total.gq.size(); ++i) total.gq[i] += part.gq[i];
       for (size_t i = 0; i < total.gt.size(); ++i) total.gt[i] += part.gt[i];
       for (size_t i = 0; i < total.gb.size(); ++i) total.gb[i] += part.gb[i];
       total.loss += part.loss;
     }
+#if defined(__AVX512F__)
+    for (int64_t row = 0; row < d_; ++row)
+      for (int64_t cls = 0; cls < c_; ++cls) gx[row * c_ + cls] = total.gc[cls * d_ + row];
+#else
     for_each_entry(total.gq.data(), total.gt.data(), d_, c_, k_, quads_,
                    [&](int64_t row, int64_t cls, float& entry) { gx[row * c_ + cls] = entry; });
+#endif
     for (int64_t cls = 0; cls < c_; ++cls) gb[cls] = total.gb[cls / kLanes][cls % kLanes];
     return total.loss;
   }
