@@ -60,7 +60,7 @@ def matmul_peak(sizes=(2048, 4096), repeats: int = 5) -> dict:
         try:
             import torch
 
-            ta = torch.from_numpy(np.asarray(a))
+            ta = torch.from_numpy(np.array(a))  # a writable copy: torch warns about read-only arrays
             with torch.no_grad():
                 t = timed(lambda: torch.matmul(ta, ta), repeats)["min"]
             best["torch"] = max(best.get("torch", 0.0), 2 * n**3 / t)
@@ -68,6 +68,27 @@ def matmul_peak(sizes=(2048, 4096), repeats: int = 5) -> dict:
             pass
     best["best"] = max(best.values())
     return best
+
+
+def best_of(*probes: dict) -> dict:
+    """matmul_peak's rates, each the best over several probes of one run.
+
+    The scripts probe before and after their timings and take the better: a shared machine's speed
+    drifts (one 2-core VM ran a 2048^3 matmul at 270 GFLOP/s for minutes, at 440-510 otherwise),
+    and a single probe taken in a slow spell would lower every floor and flatter every ratio."""
+    merged = {}
+    for probe in probes:
+        for name, rate in probe.items():
+            merged[name] = max(merged.get(name, 0.0), rate)
+    return merged
+
+
+def peak_line(peak: dict, probes: list[dict]) -> str:
+    """'best float32 matmul: ...' with each probe's best, for the scripts' reports."""
+    each = " / ".join(f"{p['best'] / 1e9:.0f}" for p in probes)
+    libraries = ", ".join(f"{name} {peak[name] / 1e9:.0f}" for name in ("jax", "torch") if name in peak)
+    return (f"best float32 matmul: {peak['best'] / 1e9:.0f} GFLOP/s ({libraries}; the better of the probes before "
+            f"and after the timings: {each})")
 
 
 def stream_peak(megabytes: int = 512, repeats: int = 7) -> float:

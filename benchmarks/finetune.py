@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, matmul_peak, train_step_flops, use_malloc_tunables  # noqa: E402
+from common import best_of, machine, matmul_peak, peak_line, train_step_flops, use_malloc_tunables  # noqa: E402
 from interp import build_model, make_inputs  # noqa: E402
 
 from vlm_jax.models.layers import REMAT_POLICIES  # noqa: E402
@@ -134,6 +134,7 @@ def main() -> None:
 
     folder = build_model(args.workdir)
     model = vj.load(folder, dtype="float32", progress=False)
+    probes = [matmul_peak()]  # and another after the timings: the floors use the better
     data = batch_arrays(model.config, args.batch, seed=0)
     tokens = int(data["attention_mask"].sum())
     print(f"machine: {machine()}; torch {torch.__version__} ({torch.get_num_threads()} threads)")
@@ -172,9 +173,9 @@ def main() -> None:
         for remat in args.remat:
             rows.append((variant, remat, n_trainable, med[remat], med["transformers"], flops, temp_mib[variant, remat]))
         del hf
-    peak = matmul_peak()
-    print(f"best float32 matmul: {peak['best'] / 1e9:.0f} GFLOP/s (jax {peak['jax'] / 1e9:.0f}, "
-          f"torch {peak.get('torch', 0) / 1e9:.0f}); floor = the step's least FLOPs at that rate")
+    probes.append(matmul_peak())
+    peak = best_of(*probes)
+    print(f"{peak_line(peak, probes)}; floor = the step's least FLOPs at that rate")
     print("\n| variant | remat | trainable params | vlm_jax step (s) | vlm_jax tokens/s | transformers step (s) "
           "| transformers tokens/s | ratio | floor (s) | vlm_jax / floor | transformers / floor "
           "| vlm_jax step's temporary memory (MiB) |")

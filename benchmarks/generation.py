@@ -29,7 +29,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import (  # noqa: E402
-    generation_floor, generation_flops, machine, matmul_peak, stream_peak, timed, use_malloc_tunables, workload_parser)
+    best_of, generation_floor, generation_flops, machine, matmul_peak, peak_line, stream_peak, timed, use_malloc_tunables,
+    workload_parser)
 from interp import build_model, make_inputs  # noqa: E402
 
 
@@ -53,12 +54,8 @@ def main() -> None:
     if min(lengths) < 2:
         parser.error("--new-tokens: every length must be >= 2 (the decode step is timed against 1-token runs)")
     print(f"machine: {machine()}\nmodel: {model}\nnew tokens: {lengths} (greedy, no EOS stop)\n")
-    peak = matmul_peak()["best"]
-    bandwidth = stream_peak()
-    print(f"best float32 matmul: {peak / 1e9:.0f} GFLOP/s; best read rate: {bandwidth / 1e9:.1f} GB/s (a jitted "
-          "sum over 512 MiB).\nFLOP floor = prefill and decode steps at the matmul rate; roofline floor = the "
-          "prefill at the matmul rate, each decode step at the slower of its FLOPs and its bytes (every text "
-          "weight, the unembedding and the filled cache, at the read rate)\n")
+    # the machine's rates, probed again after the timings; the floors use the better of each
+    probes, read_rates = [matmul_peak()], [stream_peak()]
     rows = []
     for batch in args.batches:
         arrays = make_inputs(model.config, batch)
@@ -75,7 +72,6 @@ def main() -> None:
         longest = max(lengths)
         if not np.array_equal(np.asarray(ours(longest)), theirs(longest)):
             raise SystemExit(f"batch {batch}: vlm_jax and transformers generated different tokens")
-        roofs = {k: generation_floor(model.config, batch, prompt, k, peak, bandwidth) for k in (1, *lengths)}
         t1_ours = timed(lambda: np.asarray(ours(1)), args.repeats)["median"]
         t1_hf = timed(lambda: theirs(1), args.repeats)["median"]
         for n in lengths:
@@ -86,9 +82,7 @@ def main() -> None:
                    "vlm_jax_tok_s": batch * n / t_ours, "transformers_tok_s": batch * n / t_hf,
                    "speedup": t_hf / t_ours, "vlm_jax_first_token_s": t1_ours, "transformers_first_token_s": t1_hf,
                    "vlm_jax_decode_step_s": step_ours, "transformers_decode_step_s": step_hf,
-                   "decode_speedup": step_hf / step_ours,
-                   "floor_s": generation_flops(model.config, batch, prompt, n) / peak,
-                   "roofline_floor_s": roofs[n], "decode_step_floor_s": (roofs[n] - roofs[1]) / (n - 1)}
+                   "decode_speedup": step_hf / step_ours, "prompt": prompt}
             rows.append(row)
             print(f"batch {batch}, {n} new tokens: vlm_jax {t_ours:.3f}s ({row['vlm_jax_tok_s']:.1f} tok/s)  "
                   f"transformers {t_hf:.3f}s ({row['transformers_tok_s']:.1f} tok/s)  -> {row['speedup']:.2f}x  "
@@ -96,14 +90,29 @@ def main() -> None:
             print(f"  prefill + first token: vlm_jax {t1_ours:.3f}s, transformers {t1_hf:.3f}s; decode step: "
                   f"vlm_jax {1e3 * step_ours:.1f} ms ({batch / step_ours:.0f} tok/s), transformers "
                   f"{1e3 * step_hf:.1f} ms ({batch / step_hf:.0f} tok/s) -> {step_hf / step_ours:.2f}x")
-            roof, step_floor = row["roofline_floor_s"], row["decode_step_floor_s"]
-            print(f"  FLOP floor {row['floor_s']:.3f}s: vlm_jax {t_ours / row['floor_s']:.2f}x it, transformers "
-                  f"{t_hf / row['floor_s']:.2f}x; roofline floor {roof:.3f}s: vlm_jax {t_ours / roof:.2f}x, "
-                  f"transformers {t_hf / roof:.2f}x; decode step floor {1e3 * step_floor:.1f} ms: vlm_jax "
-                  f"{step_ours / step_floor:.2f}x, transformers {step_hf / step_floor:.2f}x")
+    probes.append(matmul_peak())
+    read_rates.append(stream_peak())
+    peak, bandwidth = best_of(*probes), max(read_rates)
+    print(f"\n{peak_line(peak, probes)}; best read rate: {bandwidth / 1e9:.1f} GB/s (a jitted sum over 512 MiB, "
+          f"before / after: {' / '.join(f'{r / 1e9:.1f}' for r in read_rates)}).\nFLOP floor = prefill and decode "
+          "steps at the matmul rate; roofline floor = the prefill at the matmul rate, each decode step at the "
+          "slower of its FLOPs and its bytes (every text weight, the unembedding and the filled cache, at the "
+          "read rate)")
+    for row in rows:
+        batch, n, prompt = row["batch"], row["new_tokens"], row["prompt"]
+        roof, roof_1 = (generation_floor(model.config, batch, prompt, k, peak["best"], bandwidth) for k in (n, 1))
+        row.update(floor_s=generation_flops(model.config, batch, prompt, n) / peak["best"], roofline_floor_s=roof,
+                   decode_step_floor_s=(roof - roof_1) / (n - 1))
+        t_ours, t_hf, step_floor = row["vlm_jax_s"], row["transformers_s"], row["decode_step_floor_s"]
+        print(f"batch {batch}, {n} new tokens: FLOP floor {row['floor_s']:.3f}s: vlm_jax "
+              f"{t_ours / row['floor_s']:.2f}x it, transformers {t_hf / row['floor_s']:.2f}x; roofline floor "
+              f"{roof:.3f}s: vlm_jax {t_ours / roof:.2f}x, transformers {t_hf / roof:.2f}x; decode step floor "
+              f"{1e3 * step_floor:.1f} ms: vlm_jax {row['vlm_jax_decode_step_s'] / step_floor:.2f}x, "
+              f"transformers {row['transformers_decode_step_s'] / step_floor:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "rows": rows}, f, indent=2)
+            json.dump({"machine": machine(), "peak_flops": peak, "probes": probes, "read_rates": read_rates,
+                       "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
