@@ -39,6 +39,8 @@ CHILD = textwrap.dedent("""
     else:
         import jax, jax.numpy as jnp
         import vlm_jax as vj
+        for name in vj.__all__:  # vlm_jax imports its names on first use: import them all here
+            getattr(vj, name)
         jnp.zeros(1).block_until_ready()
         import orbax.checkpoint  # noqa
     open("/proc/self/clear_refs", "w").write("5")  # restart the peak-RSS counter here
