@@ -101,7 +101,7 @@ def main() -> None:
                 models.append((scaler, *sklearn_layer(scaler.transform(X[layer, train]), y[train])))
         return models
 
-    probes = [matmul_peak()]  # and another after the timings: the floor uses the better
+    matmul_probes = [matmul_peak()]  # and another after the timings: the floor uses the better
     start = time.perf_counter()
     probe = ours()
     first = time.perf_counter() - start
@@ -126,11 +126,11 @@ def main() -> None:
     steps = np.asarray(probe.solver_steps)  # [L, 2] iterations, loss evaluations
     n_train, d = features.shape[1], features.shape[2]
     n_classes = int(y.max()) + 1
-    probes.append(matmul_peak())
-    peak = best_of(*probes)
+    matmul_probes.append(matmul_peak())
+    peak = best_of(*matmul_probes)
     floor = steps[:, 1].sum() * 2 * (2 * n_train * (d + 1) * n_classes) / peak["best"]
     print(f"machine: {machine()}")
-    print(peak_line(peak, probes))
+    print(peak_line(peak, matmul_probes))
     path = "the fused CPU kernel" if _kernel_applies(features) else "XLA's products"
     print(f"vlm_jax evaluates the loss and gradient with {path}")
     print(f"L-BFGS iterations over the 33 layers' final fits: vlm_jax {steps[:, 0].sum()} ({steps[:, 1].sum()} loss "
