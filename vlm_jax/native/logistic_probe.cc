@@ -144,7 +144,7 @@ struct Partial {  // one thread's sums, and its scratch space
   std::vector<vec> gb;  // [K]
   double loss = 0.0;
   std::vector<vec> z;   // [kTile, K] a tile's logits, then d loss / d logits
-  std::vector<vec> gp;  // [kTile, K, 4] the same in the pair layout
+  std::vector<vec> gp;  // [kTile, K, 4] the same in the pair layout (8-lane builds)
 };
 
 // the 8 classes of group kk from 4 pair accumulators: class 2p + h is the sum of half h of acc[p]
@@ -458,10 +458,10 @@ class DataTerm {
 #else
       part.gq.resize(wq_.size());
       part.gt.resize(wt_.size());
+      part.gp.assign(kTile * k_ * 4, vec{});
 #endif
       part.gb.resize(k_);
       part.z.assign(kTile * k_, vec{});
-      part.gp.assign(kTile * k_ * 4, vec{});
     }
   }
 
