@@ -14,6 +14,8 @@ libraries agree before it times anything):
   finetune.py    full and LoRA finetuning steps (tokens/s) vs PyTorch + transformers
   probes.py      33-layer logistic probes vs scikit-learn
   loading.py     peak host memory while loading, orbax reload time
+  input_pipeline.py  finetuning and feature-extraction loops with the next batch prepared on a
+                 background thread, against preparing each when its step comes (vlm_jax alone)
   gpu.py         only where a CUDA GPU is visible: the llava-1.5-7b-shaped model in bf16 (prefill,
                  logit lens, decoding, LoRA and full finetuning; tokens/s and MFU) vs transformers
 TransformerLens and nnsight are timed by interp_tools.py (the runner first reports whether each
@@ -45,6 +47,7 @@ FULL = [
     ("finetune", ["--steps", "5", "--remat", "none", "dots", "full"]),
     ("probes", ["--repeats", "3"]),
     ("loading", ["--repeats", "3"]),
+    ("input_pipeline", ["--repeats", "5"]),
     ("gpu", ["--repeats", "5"]),
 ]
 QUICK = [
@@ -54,6 +57,7 @@ QUICK = [
     ("finetune", ["--steps", "2"]),
     ("probes", ["--repeats", "1"]),
     ("loading", ["--repeats", "1"]),
+    ("input_pipeline", ["--repeats", "1", "--steps", "3"]),
     ("gpu", ["--repeats", "2", "--batch", "2", "--new-tokens", "16"]),
 ]
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -19,6 +20,7 @@ from vlm_jax.cli import main as cli_main
 from vlm_jax.errors import CheckpointMismatchError
 from vlm_jax.models import params as P
 from vlm_jax.train import LoraConfig, TrainConfig, Trainer, TrainingDivergedError, lora_parameter_count
+from vlm_jax.train.data import DataError
 from vlm_jax.train.lora import UnknownParametersError
 
 TESTS = os.path.dirname(__file__)
@@ -131,6 +133,48 @@ def test_fused_attention_training_matches_the_explicit_path(model, random_llava,
     # the flag reaches the forward: the two steps are different programs
     programs = [str(jax.make_jaxpr(t._step)(t.initial_state(), t.frozen, t.batch(0))) for t in (explicit, fused)]
     assert programs[0] != programs[1]
+
+
+def test_prefetched_batches_train_exactly_as_batches_collated_in_the_loop(model, random_llava, tmp_path):
+    """The next step's batch is collated on a background thread (vlm_jax.prefetch) while the step
+    runs, and evaluations collate on the loop's thread meanwhile: same losses, evaluations and
+    parameters, bit for bit, as collating each batch when its step comes."""
+    runs = {}
+    for depth in (0, 1, 2):
+        trainer = Trainer(config(random_llava, tmp_path / str(depth), max_steps=4, eval_every=2,
+                                 prefetch_batches=depth), model=model)
+        assert trainer.prefetch_depth() == depth
+        runs[depth] = (trainer.run(), trainer)
+    for depth in (1, 2):
+        assert runs[depth][0].losses == runs[0][0].losses and runs[depth][0].eval == runs[0][0].eval
+        assert bitwise_equal(*(r[1].params(r[1].state) for r in (runs[0], runs[depth])))
+
+
+def test_prefetch_makes_each_step_once_and_raises_a_bad_batch_at_its_step(model, random_llava, tmp_path):
+    data = train_task.examples(8, 0)
+    calls = []
+
+    def batch_fn(step):
+        calls.append((step, threading.current_thread() is threading.main_thread()))
+        if step == 2:
+            return data[:3]  # the wrong size: an error at step 3, after steps 1 and 2 ran
+        return data
+
+    with pytest.raises(DataError, match="step 2 has 3 examples; batch_size is 8"):
+        Trainer(config(random_llava, tmp_path, train_data=None, eval_data=None, batch_fn=batch_fn, max_steps=4,
+                       prefetch_batches=1), model=model).run()
+    assert [step for step, _ in calls] == [0, 1, 2] or [step for step, _ in calls] == [0, 1, 2, 3]
+    assert not any(on_main for _, on_main in calls)  # collated on the prefetch thread
+    assert _steps_logged(tmp_path) == [1, 2]
+    calls.clear()
+    Trainer(config(random_llava, tmp_path / "ok", train_data=None, eval_data=None, batch_fn=lambda s: batch_fn(0),
+                   max_steps=3, prefetch_batches=1), model=model).run()
+    assert [step for step, _ in calls] == [0, 0, 0]  # three steps, none made past the last
+    # None resolves per backend: the CPU step's threads already use every core
+    assert Trainer(config(random_llava, tmp_path / "d", max_steps=1), model=model).prefetch_depth() == (
+        0 if jax.default_backend() == "cpu" else 1)
+    with pytest.raises(ValueError, match=r"TrainConfig.prefetch_batches is how many batches to prepare ahead"):
+        Trainer(config(random_llava, tmp_path / "e", prefetch_batches=-1), model=model)
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(model, random_llava, tmp_path):

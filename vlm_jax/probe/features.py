@@ -4,7 +4,8 @@ For every example and every requested (site, pooling) pair this writes one row o
 memory-mapped .npy array [N, L, D] (L = the site's layers, 1 for non-layer sites), so a
 100k x 33 x 4096 extraction never has to fit in memory. Rows are written batch by batch and
 `progress.json` records how many are done (atomically, after the rows are flushed): an
-interrupted extraction resumes where it stopped and yields the same arrays.
+interrupted extraction resumes where it stopped and yields the same arrays. The next batch's
+examples are read and processed on a background thread while the model runs (`prefetch`).
 
 Poolings (each a weighted mean over positions, computed inside the compiled call):
   image_mean   text sites: the image-token positions; vision sites: the patch tokens
@@ -39,6 +40,7 @@ from vlm_jax.interp.sites import ALL_SITES, validate_capture
 from vlm_jax.models import llava
 from vlm_jax.multihost import from_writer, is_writer, to_host
 from vlm_jax.nn.attention import resolve_fused
+from vlm_jax.prefetch import Prefetcher, check_depth
 
 POOLINGS = ("image_mean", "cls", "last", "position", "region_mean", "grid")
 VISION_POOLINGS = ("image_mean", "cls", "region_mean", "grid")
@@ -263,17 +265,20 @@ _pooled_features_jit = jax.jit(_pooled_features, static_argnames=("config", "sit
 def extract_features(model, examples: Sequence[Mapping], out_dir: str, *, sites=("text.resid_post",),
                      pooling=("image_mean", "last"), batch_size: int = 8, dtype: str = "float32",
                      token_bucket: int = 64, progress: bool = True,
-                     fused_attention: bool | None = None) -> FeatureStore:
+                     fused_attention: bool | None = None, prefetch: int = 1) -> FeatureStore:
     """Extracts pooled features of `examples` at `sites` into `out_dir` (resumes if present).
 
     fused_attention: None uses the fused attention kernel on accelerators (cuDNN flash
     attention on GPU) and the explicit path on CPU; True/False to choose.
+    prefetch: batches prepared ahead (examples read, the processor run, pooling weights built) on
+    a background thread while the model runs the current one (vlm_jax.prefetch); 0: none.
 
     On several hosts (jax.distributed) every process runs this with the same examples; the
     batch is split over all devices, and process 0 writes the folder (on its own disk or a
     shared one); the other processes write nothing.
     """
     sites, pooling, pairs = _check_request(sites, pooling)
+    check_depth(prefetch, "prefetch")
     cfg = model.config
     n = len(examples)
     if n == 0:
@@ -313,7 +318,10 @@ def extract_features(model, examples: Sequence[Mapping], out_dir: str, *, sites=
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, initial=start, desc="extracting features", unit="ex")
-    for first in range(start, n, batch_size):
+
+    def host_batch(first: int):
+        """The host half of the batch starting at example `first` (numpy only: it may run on the
+        prefetch thread): (examples in it, model input arrays, text and vision pooling weights)."""
         chunk = [examples[i] for i in range(first, min(first + batch_size, n))]
         padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # static shapes: one compilation
         images = [img for ex in padded for img in (ex.get("images") or [])]
@@ -321,20 +329,24 @@ def extract_features(model, examples: Sequence[Mapping], out_dir: str, *, sites=
         width = -(-batch.input_ids.shape[1] // token_bucket) * token_bucket
         batch = _left_pad(batch, width, cfg.text.pad_token_id or 0, cfg)
         text_w, vision_w = _pool_weights(model, padded, batch, pooling, width, len(images))
-        with model.mesh_context():  # sharded models: the batch is split over data x fsdp
-            pooled = _pooled_features_jit(model.params, model.place(model._arrays(batch)), model.place(text_w),
-                                          model.place(vision_w), config=cfg, sites=sites, pairs=tuple(pairs),
-                                          fused=fused)
-        for key, value in pooled.items():
-            value = to_host(value)  # every process takes part in gathering a batch split over hosts
+        return len(chunk), model._arrays(batch), text_w, vision_w
+
+    with Prefetcher(host_batch, range(start, n, batch_size), prefetch) as batches:
+        for first, (count, inputs, text_w, vision_w) in batches:
+            with model.mesh_context():  # sharded models: the batch is split over data x fsdp
+                pooled = _pooled_features_jit(model.params, model.place(inputs), model.place(text_w),
+                                              model.place(vision_w), config=cfg, sites=sites, pairs=tuple(pairs),
+                                              fused=fused)
+            for key, value in pooled.items():
+                value = to_host(value)  # every process takes part in gathering a batch split over hosts
+                if writer:
+                    arrays[key][first:first + count] = value[:count].astype(dtype)
             if writer:
-                arrays[key][first:first + len(chunk)] = value[: len(chunk)].astype(dtype)
-        if writer:
-            for array in arrays.values():
-                array.flush()
-            store._write_progress(first + len(chunk))
-        if bar is not None:
-            bar.update(len(chunk))
+                for array in arrays.values():
+                    array.flush()
+                store._write_progress(first + count)
+            if bar is not None:
+                bar.update(count)
     if bar is not None:
         bar.close()
     return store

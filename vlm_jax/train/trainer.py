@@ -14,6 +14,8 @@
   `keep_checkpoints`; written atomically (a kill mid-write leaves the previous one usable).
   `resume=True` continues from the latest: data order and losses are those of an
   uninterrupted run.
+* Input: the next step's batch is collated on a background thread while the step runs
+  (`prefetch_batches`; by default on accelerators only), with the same batches in the same order.
 * Logs: metrics.jsonl (one JSON object per line: step, loss, grad_norm, lr, tokens,
   tokens_per_s; eval lines with eval_loss, eval_accuracy), a progress bar with loss and
   tokens/s. A NaN or infinite loss, gradient or parameter stops the run with
@@ -27,6 +29,7 @@ import functools
 import json
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -41,6 +44,7 @@ from vlm_jax.models import llava
 from vlm_jax.models.layers import remat_policy
 from vlm_jax.multihost import is_writer, to_host
 from vlm_jax.nn.attention import resolve_fused
+from vlm_jax.prefetch import Prefetcher, check_depth
 from vlm_jax.train import subsets
 from vlm_jax.train.data import Collator, DataError, batch_indices
 from vlm_jax.train.lora import LoraConfig, add_lora, merge_lora
@@ -86,6 +90,11 @@ class TrainConfig:
     # path on CPU; True/False to choose
     fused_attention: bool | None = None
     token_bucket: int = 64
+    # batches collated ahead on a background thread while the device runs the current step
+    # (vlm_jax.prefetch; batch_fn then runs on that thread); 0: each batch when its step comes.
+    # None: 1 on accelerators, whose host waits during a step; 0 on CPU, where the step's threads
+    # already use every core (benchmarks/RESULTS.md: level there, 11% faster with a free host core)
+    prefetch_batches: int | None = None
     mesh: str | None = None  # e.g. "fsdp=4,tensor=2": load and train sharded (vlm_jax.sharding)
     append_eos: bool = True
     export_dir: str | None = None  # a transformers folder written at the end (LoRA merged)
@@ -219,6 +228,8 @@ class Trainer:
                                  mask=decay_mask))
         self.optimizer = optax.chain(*chain)
         self.collate = Collator(self.model, config.token_bucket, config.append_eos)
+        # the prefetch thread and evaluate() both collate: one at a time through the processor
+        self._collate_lock = threading.Lock()
         self.state_shardings = self._state_shardings(trainable) if self.plan is not None else None
         # Sharded: the state keeps the same shards step after step (one compilation, and the
         # donated buffers are reused in place).
@@ -229,6 +240,7 @@ class Trainer:
                              donate_argnums=0, **pinned)
         self._eval = jax.jit(functools.partial(_eval_step, config=self.model.config, dtype=self.dtype, fused=fused))
         self.checkpoint_dir = os.path.abspath(os.path.join(config.output_dir, "checkpoints"))
+        self.prefetch_depth()  # a bad prefetch_batches fails here, before a run
 
     # -- state ---------------------------------------------------------------------------------
     def initial_state(self) -> dict:
@@ -320,7 +332,8 @@ class Trainer:
         if len(examples) != cfg.batch_size:
             raise DataError(f"step {step} has {len(examples)} examples; batch_size is {cfg.batch_size}")
         micro = cfg.batch_size // cfg.grad_accum
-        parts = [self.collate(examples[k * micro:(k + 1) * micro]) for k in range(cfg.grad_accum)]
+        with self._collate_lock:
+            parts = [self.collate(examples[k * micro:(k + 1) * micro]) for k in range(cfg.grad_accum)]
         width = max(p["input_ids"].shape[1] for p in parts)
         answers = max(p["target_positions"].shape[1] for p in parts)
         parts = [_pad_micro(p, width, answers, self.model.config.text.pad_token_id or 0) for p in parts]
@@ -338,7 +351,8 @@ class Trainer:
         totals = {"nll": 0.0, "count": 0.0, "exact": 0.0, "rows": 0.0}
         size = self.config.eval_batch_size
         for start in range(0, len(data), size):
-            mb = self.collate([data[i] for i in range(start, min(start + size, len(data)))])
+            with self._collate_lock:
+                mb = self.collate([data[i] for i in range(start, min(start + size, len(data)))])
             with self.model.mesh_context():
                 nll, stats = self._eval(state["trainable"], self.frozen, self.model.place(mb))
             totals["nll"] += float(nll)
@@ -348,6 +362,13 @@ class Trainer:
                 "eval_accuracy": totals["exact"] / max(totals["rows"], 1.0)}
 
     # -- the loop ------------------------------------------------------------------------------
+    def prefetch_depth(self) -> int:
+        """How many batches run() collates ahead (TrainConfig.prefetch_batches, None resolved)."""
+        depth = self.config.prefetch_batches
+        if depth is None:
+            return 0 if jax.default_backend() == "cpu" else 1
+        return check_depth(depth, "TrainConfig.prefetch_batches")
+
     def run(self) -> TrainResult:
         cfg = self.config
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -365,9 +386,10 @@ class Trainer:
 
             bar = tqdm(total=self.total_steps, initial=start, desc="finetuning", unit="step")
         last_saved = start if (manager is not None and manager.latest_step() is not None) else None
-        with open(log_path if is_writer() else os.devnull, "a") as log:  # several hosts: process 0 logs
-            for step in range(start, self.total_steps):
-                batch = self.batch(step)
+        # several hosts: process 0 logs. The next step's batch is collated while this one runs.
+        with (open(log_path if is_writer() else os.devnull, "a") as log,
+              Prefetcher(self.batch, range(start, self.total_steps), self.prefetch_depth()) as batches):
+            for step, batch in batches:
                 began = time.perf_counter()
                 with self.model.mesh_context():
                     state, metrics = self._step(state, self.frozen, self._place(batch))
