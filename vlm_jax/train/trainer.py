@@ -93,7 +93,8 @@ class TrainConfig:
     # batches collated ahead on a background thread while the device runs the current step
     # (vlm_jax.prefetch; batch_fn then runs on that thread); 0: each batch when its step comes.
     # None: 1 on accelerators, whose host waits during a step; 0 on CPU, where the step's threads
-    # already use every core (benchmarks/RESULTS.md: level there, 11% faster with a free host core)
+    # already use every core (benchmarks/input_pipeline.py: level there; the toy model's loop
+    # 1.21-1.25x faster with a host core free)
     prefetch_batches: int | None = None
     mesh: str | None = None  # e.g. "fsdp=4,tensor=2": load and train sharded (vlm_jax.sharding)
     append_eos: bool = True
