@@ -115,7 +115,7 @@ def cmd_extract(args) -> int:
     rows = _read_jsonl(args.data)
     base = os.path.dirname(os.path.abspath(args.data))
 
-    class Examples:  # images are opened lazily, batch by batch
+    class Examples:  # images are opened lazily, batch by batch (on the prefetch thread)
         def __len__(self):
             return len(rows)
 
@@ -127,7 +127,7 @@ def cmd_extract(args) -> int:
             return row
 
     store = extract_features(model, Examples(), args.out, sites=tuple(args.site), pooling=tuple(args.pooling),
-                             batch_size=args.batch_size, dtype=args.store_dtype)
+                             batch_size=args.batch_size, dtype=args.store_dtype, prefetch=args.prefetch)
     if all("label" in r for r in rows):
         np.save(os.path.join(args.out, "labels.npy"), np.asarray([r["label"] for r in rows]))
     print(f"features of {store.done} examples in {args.out}: {', '.join(store.meta['shapes'])}")
@@ -265,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", action="append", default=[], help="image_mean | cls | last | position | "
                    "region_mean | grid (repeat)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--prefetch", type=int, default=1, help="batches read and processed ahead on a background "
+                   "thread while the model runs (0: none)")
     p.add_argument("--store-dtype", default="float32", help="on-disk dtype (float32 or float16)")
     p.add_argument("--dtype")
     p.set_defaults(fn=cmd_extract)
