@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax.config import LlavaConfig
+from vlm_jax.interp import lens_kernel
 from vlm_jax.models import text_decoder
 
 COLOR_WORDS = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "brown", "black", "white", "gray",
@@ -57,8 +58,9 @@ def _block_size(vocab: int, k: int) -> int | None:
     return None
 
 
-def block_top_k(logits: jax.Array, k: int, block: int):
-    """Exact top-k over the last axis, via the top-k blocks of `block` entries by block max.
+def block_top_k(logits: jax.Array, k: int, block: int, block_max: jax.Array | None = None):
+    """Exact top-k over the last axis, via the top-k blocks of `block` entries by block max
+    (`block_max` [n, vocab / block] if already computed).
 
     Every one of the k largest entries lies in a block whose max is among the k largest block
     maxima, so the answer is the top-k of those k blocks' entries. On CPU this is ~5x cheaper
@@ -67,7 +69,9 @@ def block_top_k(logits: jax.Array, k: int, block: int):
     """
     n, vocab = logits.shape
     blocks = logits.reshape(n, vocab // block, block)
-    _, block_ids = jax.lax.top_k(jnp.max(blocks, axis=-1), k)  # [n, k]
+    if block_max is None:
+        block_max = jnp.max(blocks, axis=-1)
+    _, block_ids = jax.lax.top_k(block_max, k)  # [n, k]
     candidates = jnp.take_along_axis(blocks, block_ids[:, :, None], axis=1).reshape(n, k * block)
     values, where = jax.lax.top_k(candidates, k)
     ids = jnp.take_along_axis(block_ids, where // block, axis=1) * block + where % block
@@ -77,9 +81,14 @@ def block_top_k(logits: jax.Array, k: int, block: int):
 def _one_chunk(params, config, h, k, targets):
     """h [C, D] -> top-k and target statistics for C positions."""
     logits = lens_logits(params, config, h).astype(jnp.float32)  # [C, V]
-    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
     block = _block_size(logits.shape[-1], k)
-    top_logits, top_ids = block_top_k(logits, k, block) if block else jax.lax.top_k(logits, k)
+    if block and lens_kernel.usable(logits.dtype, block):  # CPU: block maxima and lse in one pass
+        block_max, lse = lens_kernel.logit_stats(logits, block)
+        lse = lse[:, None]
+        top_logits, top_ids = block_top_k(logits, k, block, block_max)
+    else:
+        lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+        top_logits, top_ids = block_top_k(logits, k, block) if block else jax.lax.top_k(logits, k)
     out = [top_ids.astype(jnp.int32), jnp.exp(top_logits - lse)]
     if targets is not None:
         valid = targets >= 0  # [n, S]
