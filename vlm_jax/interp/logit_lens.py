@@ -4,8 +4,9 @@
 probabilities and to the rank and probability of target tokens, in one compiled call that
 never materialises [L, B, T, V]: layers are visited one at a time (lax.map) and positions in
 chunks, so memory is one chunk's logits (on CPU in float32 each chunk's log-sum-exp and block
-maxima come from one pass of a C++ kernel, interp/lens_kernel.py). Study A's region metric (top-1 token sets per region,
-mean pairwise Jaccard per layer, with filter lists) works on its output.
+maxima come from one pass of a C++ kernel, interp/lens_kernel.py). Study A's region metric
+(top-1 token sets per region, mean pairwise Jaccard per layer, with filter lists) works on its
+output.
 """
 
 from __future__ import annotations
