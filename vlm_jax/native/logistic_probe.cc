@@ -374,11 +374,6 @@ inline void gradient_tile(const Problem& p, int64_t j, int count, const vec* g, 
 
 #endif
 
-inline float horizontal_max(vec v) {
-  float m = v[0];
-  for (int l = 1; l < kLanes; ++l) m = std::max(m, v[l]);
-  return m;
-}
 
 inline float horizontal_sum(vec v) {
   // pairwise, so that the compiler can use vector shuffles
@@ -395,7 +390,7 @@ inline double softmax_tile(const Problem& p, int64_t j, int count, vec* z, vec* 
     vec* zt = z + t * p.k;
     vec top_v = zt[0];
     for (int64_t kk = 1; kk < p.k; ++kk) top_v = zt[kk] > top_v ? zt[kk] : top_v;
-    const float top = horizontal_max(top_v);
+    const float top = vlm_jax_native::max_lanes(top_v);
     const int32_t label = p.labels[j + t];
     const float z_label = zt[label / kLanes][label % kLanes] - top;
     vec total_v = vec{};

@@ -32,12 +32,6 @@ constexpr int kW = vlm_jax_native::kWideLanes;
 using wide = vlm_jax_native::vec_of<kW>;
 constexpr int64_t kRowsPerUnit = 4;  // rows per unit of work shared among threads
 
-inline float max_lanes(wide v) {
-  float m = v[0];
-  for (int i = 1; i < kW; ++i) m = std::max(m, v[i]);
-  return m;
-}
-
 // block maxima and log-sum-exp of one row of v_len logits
 void row_stats(const float* __restrict__ row, int64_t v_len, int64_t block, float* __restrict__ block_max,
                float* __restrict__ lse) {
@@ -51,7 +45,7 @@ void row_stats(const float* __restrict__ row, int64_t v_len, int64_t block, floa
       const wide x = load<kW>(row + start + j);
       m = m > x ? m : x;
     }
-    const float top = max_lanes(m);
+    const float top = vlm_jax_native::max_lanes(m);
     block_max[b] = top;
     if (top > running) {  // rescale the sums to the new maximum (exp(-inf) = 0 on the first block)
       sums *= std::exp(running - top);

@@ -5,6 +5,7 @@
 // any width.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -62,6 +63,14 @@ inline float sum_lanes(V v) {
   float total = 0;
   for (int i = 0; i < lanes_of<V>(); ++i) total += v[i];
   return total;
+}
+
+// the largest lane, lane 0 first (std::max keeps the earlier value when a comparison is false)
+template <class V>
+inline float max_lanes(V v) {
+  float m = v[0];
+  for (int i = 1; i < lanes_of<V>(); ++i) m = std::max(m, v[i]);
+  return m;
 }
 
 // exp on every lane: 2^n * p(r), r = x - n ln 2 in [-ln2/2, ln2/2], degree-6 polynomial
