@@ -30,12 +30,11 @@ import statistics
 import sys
 import tempfile
 import threading
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, use_malloc_tunables  # noqa: E402
+from common import machine, timed, use_malloc_tunables  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(REPO, "checkpoints", "toy-llava")
@@ -146,7 +145,7 @@ def main() -> None:
         assert all(np.array_equal(feats[0][p], feats[1][p]) for p in feats[0]), "extraction differs with prefetch"
 
         # the halves alone
-        collate = statistics.median(_seconds(lambda: trainer.batch(0), args.repeats))
+        collate = timed(lambda: trainer.batch(0), args.repeats)["median"]
         state = trainer.initial_state()
         batch = trainer._place(trainer.batch(0))
 
@@ -155,7 +154,7 @@ def main() -> None:
             state, metrics = trainer._step(state, trainer.frozen, batch)
             float(metrics["loss"])
 
-        step = statistics.median(_seconds(one_step, args.repeats))
+        step = timed(one_step, args.repeats)["median"]
         row = {"model": name, "train_batch": args.train_batch, "collate_s": collate, "step_s": step, "loops": {}}
         placements = [("shared", None)] + ([("free core", ({cores[0]}, {cores[1]}))] if len(cores) > 1 else [])
         for placement, pins in placements:
@@ -165,8 +164,8 @@ def main() -> None:
             times = {(what, depth): [] for what in ("train", "extract") for depth in (0, 1)}
             for _ in range(args.repeats):
                 for depth in (0, 1):
-                    times[("train", depth)] += _seconds(lambda: train(depth), 1)
-                    times[("extract", depth)] += _seconds(lambda: extract(depth), 1)
+                    times[("train", depth)].append(timed(lambda: train(depth), 1, warmup=0)["median"])
+                    times[("extract", depth)].append(timed(lambda: extract(depth), 1, warmup=0)["median"])
             medians = {f"{what} depth {depth}": statistics.median(ts) for (what, depth), ts in times.items()}
             row["loops"][placement] = medians
         data.pin_to = None
@@ -186,15 +185,6 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "results": results}, f, indent=2)
-
-
-def _seconds(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
 
 
 if __name__ == "__main__":
