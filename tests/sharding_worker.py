@@ -152,6 +152,48 @@ def tensor_parallel_report(folder, base) -> dict:
             "generate_equal": bool(np.array_equal(base.generate(batch, 5).tokens, model.generate(batch, 5).tokens))}
 
 
+def tpu_kernel_report(folder, base) -> dict:
+    """The fused attention's TPU kernel (splash attention, through Pallas's interpreter here)
+    under two meshes against the unsharded explicit path: logits and the gradient of a loss on
+    them at real (unpadded) positions, and whether the program really ran the kernel per shard."""
+    from vlm_jax.models import llava
+
+    exs = examples(8)
+    batch = base.prepare([ex["prompt"] for ex in exs], images=[ex["images"][0] for ex in exs])
+    real = jnp.asarray(np.asarray(batch.attention_mask).astype(bool))
+    weights = jnp.asarray(np.random.default_rng(0).standard_normal((*real.shape, base.config.text.vocab_size)),
+                          jnp.float32) * real[..., None]
+
+    def logits_and_grad(model, fused):
+        def loss(params, arrays):
+            logits = llava.forward(params, model.config, arrays, fused_attention=fused).logits
+            return jnp.sum(logits * weights), logits
+
+        arrays = model.place(dict(batch))
+        with model.mesh_context():
+            program = jax.jit(jax.value_and_grad(loss, has_aux=True))
+            (_, logits), grad = program(model.params, arrays)
+            text = str(jax.make_jaxpr(loss)(model.params, arrays)) if fused else ""
+        return np.asarray(logits), jax.tree.map(np.asarray, grad), text
+
+    ref_logits, ref_grad, _ = logits_and_grad(base, False)
+    out = {"padded_rows": int((~np.asarray(real)).any(1).sum())}
+    os.environ["VLM_JAX_TPU_ATTENTION"] = "interpret"
+    try:
+        for name, mesh in {"data2_fsdp2_tensor2": S.make_mesh(data=2, fsdp=2, tensor=2),
+                           "data4_tensor2": S.make_mesh(data=4, tensor=2)}.items():
+            model = vj.load(folder, progress=False, sharding=S.ShardingPlan(mesh))
+            logits, grad, text = logits_and_grad(model, True)
+            out[name] = {"logits_diff": float(np.abs(logits - ref_logits)[np.asarray(real)].max()),
+                         # relative to the largest entry: some entries are 0 but for rounding (the
+                         # vision keys' bias: softmax ignores a shift shared by a query's scores)
+                         "grad_rel_diff": max_diff(ref_grad, grad) / max_diff(ref_grad, jax.tree.map(np.zeros_like, ref_grad)),
+                         "kernel_per_shard": "shard_map" in text and "pallas_call" in text}
+    finally:
+        del os.environ["VLM_JAX_TPU_ATTENTION"]
+    return out
+
+
 def main(workdir: str) -> None:
     assert jax.device_count() == 8, jax.devices()
     tok = build_tokenizer()
@@ -208,6 +250,7 @@ def main(workdir: str) -> None:
                             - np.load(os.path.join(workdir, "feat-sharded", f))))) for f in stored)
 
     report["tensor_parallel"] = tensor_parallel_report(folder, base)
+    report["tpu_kernel"] = tpu_kernel_report(folder, base)
     report["bad_input"] = bad_input_report(plan)
     report["train_full"] = train_pair(folder, plan, workdir, "full")  # remat "full", the default
     report["train_lora"] = train_pair(folder, plan, workdir, "lora", lora=LoraConfig(rank=4), remat="dots")

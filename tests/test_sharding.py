@@ -57,6 +57,17 @@ def test_tensor_parallel_attention_gathers_no_activations(report):
     assert tp["logits_diff"] < TOL and tp["generate_equal"]
 
 
+def test_tpu_attention_kernel_runs_per_shard_and_equals_unsharded(report):
+    """The fused attention's TPU kernel (splash attention, in Pallas's interpreter) in shard_map
+    on two meshes: logits at real positions and the gradient of a loss on them equal the
+    unsharded explicit path's; two sequences of the batch are padded."""
+    tpu = report["tpu_kernel"]
+    assert tpu["padded_rows"] >= 1
+    for mesh in ("data2_fsdp2_tensor2", "data4_tensor2"):
+        assert tpu[mesh]["kernel_per_shard"], mesh
+        assert tpu[mesh]["logits_diff"] < TOL and tpu[mesh]["grad_rel_diff"] < TOL, (mesh, tpu[mesh])
+
+
 def test_sharded_feature_extraction_equals_unsharded(report):
     assert report["features_files"] == 3
     assert report["features_diff"] < TOL

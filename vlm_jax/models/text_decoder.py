@@ -21,6 +21,7 @@ from vlm_jax.models.layers import gated_mlp, linear, merge_heads, project_heads,
 from vlm_jax.models.params import ParamSpec, dense, norm, stack
 from vlm_jax.nn import decode_matmul
 from vlm_jax.nn.attention import attention, causal_mask, mask_to_bias, merged_heads
+from vlm_jax.nn.tpu_attention import MaskStructure
 from vlm_jax.nn.norms import rms_norm
 from vlm_jax.nn.rope import apply_rope, rope_cos_sin
 from vlm_jax.sharding import constrain
@@ -71,10 +72,12 @@ def _heads(x: jax.Array, axis: str) -> jax.Array:
 
 
 def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, cache_index, rebuild_edits,
-           attn_edit_free: bool, prefill: bool = False, stacked_cache: bool = False, final_rows: int | None = None):
+           attn_edit_free: bool, prefill: bool = False, stacked_cache: bool = False, final_rows: int | None = None,
+           structure: MaskStructure | None = None):
     """One decoder layer as a scan body. final_rows: only the last `final_rows` positions' outputs
     are computed (their queries, attention, output projection and MLP); every position's keys and
-    values are still computed and cached. h comes out [B, final_rows, D]."""
+    values are still computed and cached. h comes out [B, final_rows, D]. structure: every
+    layer's mask by its structure, for the fused path's TPU kernel (None: it has none)."""
     groups = cfg.num_heads // cfg.num_kv_heads
     q_cos, q_sin = (cos, sin) if final_rows is None else (cos[:, -final_rows:], sin[:, -final_rows:])
 
@@ -120,7 +123,7 @@ def _layer(cfg: TextConfig, wanted: frozenset, fused: bool, biases, cos, sin, ca
         out, pattern = attention(
             q, k, v, scale=cfg.head_dim**-0.5, bias=bias, return_pattern=want_pattern,
             fused=fused and not want_pattern and attn_edit_free, score_edit=score_editor(attn_ops, groups),
-            causal_block=CAUSAL_BLOCK if blocked else None,
+            causal_block=CAUSAL_BLOCK if blocked else None, structure=structure,
         )
         sites.record("attn_pattern", pattern)
         with jax.named_scope("out_proj"):
@@ -189,6 +192,10 @@ def forward(
     cos, sin = rope_cos_sin(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, positions, embeds.dtype, seq_len)
     kinds = sorted(set(cfg.sliding_windows), key=lambda w: -1 if w is None else w)
     biases = jnp.stack([mask_to_bias(causal_mask(key_valid, query_index, key_index, w)) for w in kinds])
+    # The TPU kernel builds its mask from structure, which it can do when every layer has the same
+    # kind of mask (a per-layer kind is picked inside the scan) over the sequence's own slots.
+    own_slots = isinstance(cache_index, int) and cache_index == 0 and (cache is None or prefill)
+    structure = MaskStructure(key_valid, causal=True, window=kinds[0]) if own_slots and len(kinds) == 1 else None
     edit_xs, rebuild = layer_slices([*site_ops, *attention_ops], cfg.num_layers)
     n_site = len(site_ops)
 
@@ -216,7 +223,7 @@ def forward(
         else:
             stacked = jax.tree.map(lambda a: a[start:end], stacked)
     layer = _layer(cfg, frozenset(capture), fused, biases, cos, sin, cache_index, rebuild_edits, not attention_ops,
-                   prefill, stacked_cache=cache is not None and not unstacked)
+                   prefill, stacked_cache=cache is not None and not unstacked, structure=structure)
     if unstacked:
         return unrolled_layers(layer, embeds, stacked, per_layer, states=cache, remat=remat)
     if cache is None:

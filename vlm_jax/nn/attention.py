@@ -5,8 +5,10 @@
   runs query block by query block (causal blocks skip the keys after them) with a custom,
   flash-style backward (_blocked_attention); on CPU in float32 that forward and backward are
   C++ kernels reading q, k and v where they lie (_kernel_attention, nn/cpu_attention.py);
-* fused: jax.nn.dot_product_attention, used when nothing needs the pattern. On GPU its
-  forward is cuDNN's flash kernel and its gradient XLA's (see fused_forward_kernel).
+* fused: used when nothing needs the pattern. On TPU it is the splash-attention kernel
+  (nn/tpu_attention.py, which reads the mask's structure instead of the bias); elsewhere
+  jax.nn.dot_product_attention, whose forward on GPU is cuDNN's flash kernel and whose gradient
+  is XLA's (see fused_forward_kernel).
 
 Both follow transformers' eager attention numerics (scores in the activation dtype, scaled,
 plus the additive mask, softmax in float32, rounded back before the weighted sum) and agree
@@ -25,13 +27,14 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from vlm_jax.nn import cpu_attention
+from vlm_jax.nn import cpu_attention, tpu_attention
 from vlm_jax.sharding import splits
 
 
 def default_fused_attention() -> bool:
-    """Whether `fused_attention=None` means fused: the fused kernels (cuDNN flash attention,
-    the TPU kernel) pay off on accelerators; on CPU the explicit path is faster."""
+    """Whether `fused_attention=None` means fused: the fused kernels (cuDNN flash attention on
+    GPU, splash attention on TPU: nn/tpu_attention.py) pay off on accelerators; on CPU the
+    explicit path is faster."""
     return jax.default_backend() in ("gpu", "tpu")
 
 
@@ -216,7 +219,8 @@ def _blocked_attention(qg, kt, vt, bias, scale: float, block: int):
 
 # The names of the blocked attention's outputs that its backward needs besides q, k and v:
 # a rematerialisation policy that keeps them (layers.REMAT_POLICIES["dots"]) spares the
-# backward pass a second attention forward.
+# backward pass a second attention forward. The TPU kernel names both of its residuals (its
+# output and log-sum-exp) with the first.
 ATTENTION_RESIDUALS = ("attention_output", "attention_log_sum_exp")
 
 
@@ -290,6 +294,7 @@ def attention(
     fused: bool = False,
     score_edit: Callable | None = None,
     causal_block: int | None = None,
+    structure: tpu_attention.MaskStructure | None = None,
 ):
     """Multi-head attention.
 
@@ -305,6 +310,9 @@ def attention(
       causal_block: when the mask is causal and T == S, process queries in blocks of this size
         against the keys up to the block's end only (the keys after it are masked anyway):
         about half the work, and a working set that stays in cache.
+      structure: the same mask as `bias`, described by its structure, for kernels that build
+        their mask themselves (the TPU kernel). With a bias but no structure, the fused path on
+        TPU runs XLA's kernel.
 
     Returns:
       out [B, T, H, E] and the pattern (or None).
@@ -314,6 +322,9 @@ def attention(
     if fused:
         if return_pattern or score_edit is not None:
             raise ValueError("the fused attention path cannot return the pattern or edit attention edges")
+        if tpu_attention.usable(t_len, s_len) and (bias is None or structure is not None):
+            return tpu_attention.splash_attention(q, k, v, scale=scale, structure=structure,
+                                                  residual_name=ATTENTION_RESIDUALS[0]), None
         if bias is not None:
             # The kernels take the bias in the activation dtype. float32's minimum overflows to
             # -inf in bfloat16, and a query with every key masked (left padding) then gets NaN,

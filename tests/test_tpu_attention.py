@@ -1,0 +1,180 @@
+"""The fused attention's TPU kernel (nn/tpu_attention.py: splash attention), run on CPU through
+Pallas's interpreter (VLM_JAX_TPU_ATTENTION=interpret), against the explicit attention.
+
+Real positions must agree to float32 rounding, forward and backward; padded positions only need
+to be finite (the kernel's padded queries read other keys than the bias's, and nothing real reads
+them). The sharded runs (shard_map on 8 host devices) are in test_sharding.py.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlm_jax.nn import tpu_attention
+from vlm_jax.nn.attention import attention, causal_mask, mask_to_bias
+from vlm_jax.nn.tpu_attention import MaskStructure
+
+TOL = 1e-5
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    """The kernel through Pallas's interpreter, with no program traced before (jit caches are
+    keyed on the arguments, not on the setting) carried in or out."""
+    monkeypatch.setenv("VLM_JAX_TPU_ATTENTION", "interpret")
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
+def heads(rng, batch, t_len, n, e=16):
+    return jnp.asarray(rng.standard_normal((batch, t_len, n, e)), jnp.float32)
+
+
+@pytest.mark.parametrize("n_heads,n_kv", [(4, 2), (3, 3)])
+@pytest.mark.parametrize("case", ["left_padded", "right_padded", "window", "no_mask"])
+def test_kernel_equals_the_explicit_attention_forward_and_backward(interpret, n_heads, n_kv, case):
+    rng = np.random.default_rng(0)
+    batch, t_len, e = 2, 150, 16  # 150: the kernel pads to 256 rows (two of its blocks)
+    q, k, v = heads(rng, batch, t_len, n_heads), heads(rng, batch, t_len, n_kv), heads(rng, batch, t_len, n_kv)
+    real = np.ones((batch, t_len), bool)
+    if case == "left_padded":
+        real[0, :7] = False
+    elif case == "right_padded":
+        real[1, -20:] = False
+    real = jnp.asarray(real)
+    index = jnp.arange(t_len)
+    window = 9 if case == "window" else None
+    if case == "no_mask":
+        bias, structure = None, None
+    else:
+        bias, structure = mask_to_bias(causal_mask(real, index, index, window)), MaskStructure(real, True, window)
+
+    def loss(q, k, v, fused, weights):
+        out = attention(q, k, v, scale=e**-0.5, bias=bias, fused=fused, structure=structure)[0]
+        return jnp.sum(out * weights), out
+
+    weights = jnp.asarray(rng.standard_normal(q.shape), jnp.float32) * real[..., None, None]
+    grad = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)
+    (ref_q, ref_k, ref_v), ref = grad(q, k, v, False, weights)
+    (d_q, d_k, d_v), out = grad(q, k, v, True, weights)
+    assert "pallas_call" in str(jax.make_jaxpr(lambda q: loss(q, k, v, True, weights))(q))
+    rows = np.asarray(real)
+    np.testing.assert_allclose(np.asarray(out)[rows], np.asarray(ref)[rows], atol=TOL)
+    assert np.isfinite(np.asarray(out)).all()
+    for got, want in ((d_q, ref_q), (d_k, ref_k), (d_v, ref_v)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOL)
+
+
+def test_bfloat16_heads_with_left_padding(interpret):
+    """The accelerators' dtype: bfloat16 in and out, within bfloat16 rounding of float32's result
+    at real positions, and finite where a padded query sees only padding."""
+    rng = np.random.default_rng(3)
+    q, k = heads(rng, 2, 200, 4, 32).astype(jnp.bfloat16), heads(rng, 2, 200, 2, 32).astype(jnp.bfloat16)
+    real = np.ones((2, 200), bool)
+    real[0, :30] = False
+    index = jnp.arange(200)
+    bias = mask_to_bias(causal_mask(jnp.asarray(real), index, index))
+    out = attention(q, k, k, scale=32**-0.5, bias=bias, fused=True, structure=MaskStructure(jnp.asarray(real)))[0]
+    wide = [x.astype(jnp.float32) for x in (q, k)]
+    ref = attention(wide[0], wide[1], wide[1], scale=32**-0.5, bias=bias)[0]
+    assert out.dtype == jnp.bfloat16
+    out = np.asarray(out, np.float32)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out[real], np.asarray(ref)[real], atol=2e-2)
+
+
+def _pallas_calls(jaxpr) -> int:
+    from jax._src import core
+
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == "pallas_call"
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                count += _pallas_calls(sub.jaxpr) if isinstance(sub, core.ClosedJaxpr) else (
+                    _pallas_calls(sub) if isinstance(sub, core.Jaxpr) else 0)
+    return count
+
+
+@pytest.mark.parametrize("remat,backward_calls", [("none", 2), ("dots", 2), ("full", 3)])
+def test_remat_dots_keeps_the_kernels_residuals(interpret, remat, backward_calls):
+    """The backward runs the dq and dkv kernels; under remat "dots" it finds the forward's output
+    and log-sum-exp saved (named like the blocked attention's), under "full" it runs the forward
+    kernel again. Counted in the backward's program after dead-code elimination, as XLA runs it."""
+    from jax._src.interpreters import partial_eval
+
+    from vlm_jax.models.layers import remat_policy
+
+    rng = np.random.default_rng(2)
+    q, k = heads(rng, 2, 130, 4), heads(rng, 2, 130, 2)
+    real = jnp.ones((2, 130), bool)
+
+    def layer(q):
+        return jnp.sum(jnp.sin(attention(q * 2.0, k, k, scale=0.25, fused=True, structure=MaskStructure(real))[0]))
+
+    policy = remat_policy(remat)
+    _, backward = jax.vjp(layer if remat == "none" else jax.checkpoint(layer, policy=policy), q)
+    program = jax.make_jaxpr(backward)(1.0).jaxpr
+    program, _ = partial_eval.dce_jaxpr(program, [True] * len(program.outvars))
+    assert _pallas_calls(program) == backward_calls
+
+
+def test_a_bias_without_its_structure_keeps_xla_kernel(interpret):
+    rng = np.random.default_rng(1)
+    q = heads(rng, 1, 130, 2)
+    bias = jnp.asarray(rng.standard_normal((1, 1, 130, 130)), jnp.float32)  # not a mask the kernel can build
+    text = str(jax.make_jaxpr(lambda q: attention(q, q, q, scale=0.25, bias=bias, fused=True)[0])(q))
+    assert "pallas_call" not in text and "dot_general" in text
+
+
+def test_decode_steps_and_edits_keep_the_other_paths(interpret):
+    assert not tpu_attention.usable(1, 64)  # one query against a cache
+    assert not tpu_attention.usable(8, 64)
+    assert tpu_attention.usable(64, 64)
+
+
+def test_the_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("VLM_JAX_TPU_ATTENTION", "off")
+    assert tpu_attention.mode() == "off" and not tpu_attention.usable(64, 64)
+    monkeypatch.setenv("VLM_JAX_TPU_ATTENTION", "kernal")
+    with pytest.raises(ValueError, match="VLM_JAX_TPU_ATTENTION='kernal'"):
+        tpu_attention.mode()
+    monkeypatch.delenv("VLM_JAX_TPU_ATTENTION")
+    assert tpu_attention.mode() == ("kernel" if jax.default_backend() == "tpu" else "off")
+
+
+def test_model_forward_gradient_and_generation_with_the_kernel(random_llava, interpret):
+    """The whole model with fused attention on the kernel (vision tower unmasked, decoder causal
+    over a padded batch): logits at real positions, the gradient of a loss on them, and greedy
+    tokens (the prefill runs the kernel; decode steps stay on XLA's) equal the default path's."""
+    import vlm_jax as vj
+    from vlm_jax.models import llava
+
+    model = vj.load(random_llava, progress=False)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (56, 56, 3), dtype=np.uint8) for _ in range(3)]
+    batch = model.prepare(["<image> what shape is this and what colour is it", "<image> hi", "<image> where"],
+                          images=images)
+    arrays = dict(batch)
+    real = np.asarray(batch.attention_mask).astype(bool)
+    assert (~real).any()
+    weights = jnp.asarray(rng.standard_normal((*real.shape, model.config.text.vocab_size)), jnp.float32) * real[..., None]
+
+    def loss(params, fused):
+        logits = llava.forward(params, model.config, arrays, fused_attention=fused).logits
+        return jnp.sum(logits * weights), logits
+
+    assert str(jax.make_jaxpr(lambda p: loss(p, True))(model.params)).count("pallas_call") >= 2  # both towers
+    (_, ref), ref_grad = jax.jit(jax.value_and_grad(lambda p: loss(p, False), has_aux=True))(model.params)
+    (_, out), grad = jax.jit(jax.value_and_grad(lambda p: loss(p, True), has_aux=True))(model.params)
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=TOL)
+    largest = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(ref_grad))
+    for a, b in zip(jax.tree.leaves(ref_grad), jax.tree.leaves(grad)):
+        assert float(jnp.abs(a - b).max()) < TOL * largest
+
+    tokens = model.generate(batch, 6, eos_token_ids=(), fused_attention=True).tokens
+    np.testing.assert_array_equal(tokens, model.generate(batch, 6, eos_token_ids=()).tokens)
