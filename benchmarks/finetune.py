@@ -93,16 +93,18 @@ def lora_torch(model, rank=8, alpha=16.0):
 
 
 def torch_step_fn(model, params, data):
-    """One AdamW step of `params` on `data` (loss on the last ANSWER tokens), on the model's
-    device and in its dtype; returns the loss (a float, so the step has finished)."""
+    """One AdamW step of `params` on `data` (loss on its target tokens, the last ANSWER real
+    ones), on the model's device and in its dtype; returns the loss (a float, so the step has
+    finished)."""
     import torch
 
     optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
     device = model.device
     ids = torch.from_numpy(data["input_ids"].astype(np.int64)).to(device)
-    labels = torch.full_like(ids, -100)
-    t = ids.shape[1]
-    labels[:, t - ANSWER:] = ids[:, t - ANSWER:]
+    labels = torch.full_like(ids, -100)  # the loss at batch_arrays' target positions only (padding may follow them)
+    rows = torch.arange(ids.shape[0], device=device)[:, None]
+    labels[rows, torch.from_numpy(data["target_positions"].astype(np.int64)).to(device)] = torch.from_numpy(
+        data["target_ids"].astype(np.int64)).to(device)
     inputs = {"input_ids": ids, "attention_mask": torch.from_numpy(data["attention_mask"].astype(np.int64)).to(device),
               "pixel_values": torch.from_numpy(data["pixel_values"]).to(device, model.dtype)}
 

@@ -18,6 +18,8 @@ transformers, decoding >= 3x generate(), the lens >= 3x, LoRA >= 40% MFU.
 
     python benchmarks/gpu.py [--batch 8] [--new-tokens 64] [--repeats 5] [--only prefill lens ...]
     python benchmarks/gpu.py --tiny      # the same code on a tiny model: a CPU smoke run
+    VLM_JAX_FUSED_GRADIENT=cudnn python benchmarks/gpu.py --only lora full --train-pad-to 64
+                                         # cuDNN's attention backward in training (not yet measured)
 
 The model folders are written once under --workdir and reused by later runs.
 """
@@ -97,6 +99,19 @@ def on_device(t_inputs: dict, device, dtype) -> dict:
     return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in t_inputs.items()}
 
 
+def pad_right(data: dict, multiple: int) -> dict:
+    """finetune.batch_arrays' batch with its rows right-padded (token 0, attention mask 0) to a
+    multiple of `multiple` tokens; the loss positions stay where they are."""
+    t_len = data["input_ids"].shape[1]
+    extra = -t_len % multiple
+    if extra == 0:
+        return data
+    out = dict(data)
+    for key in ("input_ids", "attention_mask"):
+        out[key] = np.pad(data[key], ((0, 0), (0, extra)))
+    return out
+
+
 def main() -> None:
     use_malloc_tunables()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,6 +126,10 @@ def main() -> None:
     parser.add_argument("--full-text-layers", type=int, default=4,
                         help="decoder layers of the `full` model (8 ran out of memory on an 80 GB H100 beside "
                              "transformers' copy)")
+    parser.add_argument("--train-pad-to", type=int, default=1,
+                        help="right-pad the finetuning batches to a multiple of this many tokens (the trainer's "
+                             "token_bucket is 64): cuDNN's backward (VLM_JAX_FUSED_GRADIENT=cudnn) needs even "
+                             "lengths. MFU and tokens/s count the real tokens only")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     parser.add_argument("--workdir", default="/tmp/vlm_jax_gpu_bench")
@@ -124,7 +143,7 @@ def main() -> None:
 
     import vlm_jax as vj
     from vlm_jax.models import llava
-    from vlm_jax.nn.attention import default_fused_attention, fused_forward_kernel
+    from vlm_jax.nn.attention import default_fused_attention, fused_forward_kernel, fused_gradient_kernel
     from vlm_jax.train import LoraConfig, TrainConfig, Trainer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -242,6 +261,8 @@ def main() -> None:
     def train_pair(name, folder, model, hf, lora: bool):
         cfg = model.config
         data = batch_arrays(cfg, args.train_batch, seed=0)
+        real_len = data["input_ids"].shape[1]
+        data = pad_right(data, args.train_pad_to)
         tokens = int(data["attention_mask"].sum())
         lora_cfg = LoraConfig(rank=16, alpha=32.0, targets=("q_proj", "v_proj"), towers=("text",)) if lora else None
         with tempfile.TemporaryDirectory() as out:
@@ -265,8 +286,10 @@ def main() -> None:
             t_ours = timed(ours_step, args.repeats)["median"]
             t_hf = timed(theirs_step, args.repeats)["median"]
         b, t_len = data["input_ids"].shape
-        flops = train_step_flops(cfg, b, t_len, b, ANSWER, lora)
-        record(name, t_ours, t_hf, flops, tokens, "tokens", f"first-step losses {loss_ours:.4f} / {loss_theirs:.4f}")
+        flops = train_step_flops(cfg, b, real_len, b, ANSWER, lora)  # the padding is not useful work
+        gradient = fused_gradient_kernel(fused_forward_kernel(jdtype, t_len), t_len, t_len) if fused else "explicit"
+        record(name, t_ours, t_hf, flops, tokens, "tokens", f"first-step losses {loss_ours:.4f} / {loss_theirs:.4f}; "
+               f"{t_len} tokens per row ({real_len} real), attention gradient: {gradient}")
 
     if "lora" in args.only:
         train_pair("lora", folder, model, hf, lora=True)

@@ -187,7 +187,8 @@ def tpu_kernel_report(folder, base) -> dict:
             out[name] = {"logits_diff": float(np.abs(logits - ref_logits)[np.asarray(real)].max()),
                          # relative to the largest entry: some entries are 0 but for rounding (the
                          # vision keys' bias: softmax ignores a shift shared by a query's scores)
-                         "grad_rel_diff": max_diff(ref_grad, grad) / max_diff(ref_grad, jax.tree.map(np.zeros_like, ref_grad)),
+                         "grad_rel_diff": max_diff(ref_grad, grad)
+                                          / max_diff(ref_grad, jax.tree.map(np.zeros_like, ref_grad)),
                          "kernel_per_shard": "shard_map" in text and "pallas_call" in text}
     finally:
         del os.environ["VLM_JAX_TPU_ATTENTION"]

@@ -101,3 +101,17 @@ def test_cudnn_forward_xla_gradient_has_the_xla_kernels_gradients(with_bias):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     for name, g, r in zip("qkv", grads, ref):
         np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6, err_msg=f"d{name}")
+
+
+def test_cudnn_gradient_is_opt_in_and_needs_even_lengths(monkeypatch):
+    # cuDNN's own backward refused 601-token masked attention on an H100; it is asked for with
+    # VLM_JAX_FUSED_GRADIENT=cudnn and taken only after a cuDNN forward, on even lengths
+    monkeypatch.delenv("VLM_JAX_FUSED_GRADIENT", raising=False)
+    assert A.fused_gradient_kernel("cudnn", 640, 640) == "xla"
+    monkeypatch.setenv("VLM_JAX_FUSED_GRADIENT", "cudnn")
+    assert A.fused_gradient_kernel("cudnn", 640, 640) == "cudnn"
+    assert A.fused_gradient_kernel("cudnn", 601, 601) == "xla"
+    assert A.fused_gradient_kernel("xla", 640, 640) == "xla"
+    monkeypatch.setenv("VLM_JAX_FUSED_GRADIENT", "cudn")
+    with pytest.raises(ValueError, match="VLM_JAX_FUSED_GRADIENT='cudn'"):
+        A.fused_gradient_kernel("cudnn", 640, 640)

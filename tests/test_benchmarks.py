@@ -20,6 +20,7 @@ def test_gpu_benchmark_script_runs_every_workload_on_a_tiny_model(tmp_path):
     out = tmp_path / "gpu.json"
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "gpu.py"), "--tiny", "--repeats", "1", "--batch", "2",
            "--lens-batch", "1", "--train-batch", "2", "--new-tokens", "3", "--full-text-layers", "3",
+           "--train-pad-to", "64",
            "--workdir", str(tmp_path / "models"), "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -31,6 +32,7 @@ def test_gpu_benchmark_script_runs_every_workload_on_a_tiny_model(tmp_path):
             assert math.isfinite(row[key]) and row[key] > 0, (row["workload"], key, row[key])
     assert "all tokens 1.00" in rows["decode"]["note"]  # float32: the same tokens as generate()
     assert "| full |" in proc.stdout and report["peak_flops"]["best"] > 0
+    assert "64 tokens per row" in rows["lora"]["note"]  # --train-pad-to: padded, and the losses still agreed
 
 
 def test_decode_step_bytes_count_every_weight_a_step_reads():

@@ -162,7 +162,8 @@ def test_model_forward_gradient_and_generation_with_the_kernel(random_llava, int
     arrays = dict(batch)
     real = np.asarray(batch.attention_mask).astype(bool)
     assert (~real).any()
-    weights = jnp.asarray(rng.standard_normal((*real.shape, model.config.text.vocab_size)), jnp.float32) * real[..., None]
+    vocab = model.config.text.vocab_size
+    weights = jnp.asarray(rng.standard_normal((*real.shape, vocab)), jnp.float32) * real[..., None]
 
     def loss(params, fused):
         logits = llava.forward(params, model.config, arrays, fused_attention=fused).logits

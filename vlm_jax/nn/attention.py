@@ -50,10 +50,28 @@ def fused_forward_kernel(dtype, query_len: int) -> str:
     return "cudnn" if use_cudnn else "xla"
 
 
+def fused_gradient_kernel(forward_kernel: str, query_len: int, key_len: int) -> str:
+    """'cudnn' or 'xla': the kernel the fused path's gradient runs. XLA's by default (the measured
+    one, see cudnn_forward_xla_gradient). VLM_JAX_FUSED_GRADIENT=cudnn asks for cuDNN's own
+    backward where it takes the shapes: after a cuDNN forward, with even query and key lengths
+    (its rule for masked attention; the trainer's token buckets are multiples of 64). That
+    setting is the experiment for the next GPU run (benchmarks/gpu.py --train-pad-to 64): its
+    speed is not measured yet.
+    """
+    wanted = os.environ.get("VLM_JAX_FUSED_GRADIENT", "").strip().lower()
+    if wanted not in ("", "xla", "cudnn"):
+        raise ValueError(f"VLM_JAX_FUSED_GRADIENT={wanted!r}: expected 'cudnn', 'xla' or unset")
+    even = query_len % 2 == 0 and key_len % 2 == 0
+    return "cudnn" if wanted == "cudnn" and forward_kernel == "cudnn" and even else "xla"
+
+
 def _fused_kernel(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, scale: float) -> jax.Array:
-    """jax.nn.dot_product_attention with fused_forward_kernel's kernel; gradients always go
-    through XLA's (cudnn_forward_xla_gradient)."""
-    if fused_forward_kernel(q.dtype, q.shape[1]) == "cudnn":
+    """jax.nn.dot_product_attention with fused_forward_kernel's kernel; gradients through XLA's
+    (cudnn_forward_xla_gradient) unless fused_gradient_kernel picks cuDNN's own."""
+    forward = fused_forward_kernel(q.dtype, q.shape[1])
+    if forward == "cudnn" and fused_gradient_kernel(forward, q.shape[1], k.shape[1]) == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation="cudnn")
+    if forward == "cudnn":
         return cudnn_forward_xla_gradient(q, k, v, bias, scale, "cudnn")
     return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation="xla")
 

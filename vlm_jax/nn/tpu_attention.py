@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -62,10 +63,22 @@ def mode() -> str:
     if setting in ("off", "0", "xla"):
         return "off"
     if setting == "interpret":
-        return "interpret"
+        return "interpret" if _splash_available() else "off"
     if setting not in ("", "1", "on", "kernel"):
         raise ValueError(f"VLM_JAX_TPU_ATTENTION={setting!r}: expected 'interpret', 'off' or unset")
-    return "kernel" if jax.default_backend() == "tpu" else "off"
+    return "kernel" if jax.default_backend() == "tpu" and _splash_available() else "off"
+
+
+@functools.lru_cache(maxsize=1)
+def _splash_available() -> bool:
+    """Whether this JAX ships the splash kernel; if not, the fused path on TPU keeps XLA's."""
+    try:
+        from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel  # noqa: F401
+    except ImportError as error:
+        warnings.warn(f"the splash-attention kernel is not importable from this JAX ({error}); the fused "
+                      f"attention on TPU runs XLA's kernel. Fix: upgrade jax.", stacklevel=2)
+        return False
+    return True
 
 
 def usable(t_len: int, s_len: int) -> bool:
