@@ -33,6 +33,7 @@ VLM_JAX_TPU_ATTENTION:
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import warnings
 from typing import NamedTuple
@@ -73,7 +74,7 @@ def mode() -> str:
 def _splash_available() -> bool:
     """Whether this JAX ships the splash kernel; if not, the fused path on TPU keeps XLA's."""
     try:
-        from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel  # noqa: F401
+        importlib.import_module("jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel")
     except ImportError as error:
         warnings.warn(f"the splash-attention kernel is not importable from this JAX ({error}); the fused "
                       f"attention on TPU runs XLA's kernel. Fix: upgrade jax.", stacklevel=2)
