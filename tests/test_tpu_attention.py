@@ -179,3 +179,21 @@ def test_model_forward_gradient_and_generation_with_the_kernel(random_llava, int
 
     tokens = model.generate(batch, 6, eos_token_ids=(), fused_attention=True).tokens
     np.testing.assert_array_equal(tokens, model.generate(batch, 6, eos_token_ids=()).tokens)
+
+
+def test_a_jax_without_the_kernel_keeps_xla_with_a_warning(monkeypatch):
+    real_import = tpu_attention.importlib.import_module
+
+    def missing(name, *args):
+        if "splash_attention" in name:
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(tpu_attention.importlib, "import_module", missing)
+    monkeypatch.setenv("VLM_JAX_TPU_ATTENTION", "interpret")
+    tpu_attention._splash_available.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="Fix: upgrade jax"):
+            assert tpu_attention.mode() == "off" and not tpu_attention.usable(64, 64)
+    finally:
+        tpu_attention._splash_available.cache_clear()
