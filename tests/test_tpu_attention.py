@@ -197,3 +197,19 @@ def test_a_jax_without_the_kernel_keeps_xla_with_a_warning(monkeypatch):
             assert tpu_attention.mode() == "off" and not tpu_attention.usable(64, 64)
     finally:
         tpu_attention._splash_available.cache_clear()
+
+
+def test_sweeps_vmap_the_kernel(random_llava, interpret):
+    """run_sweep vmaps the forward over edit sets: the kernel runs batched, and each swept
+    forward's logits at real positions equal the explicit path's."""
+    import vlm_jax as vj
+
+    model = vj.load(random_llava, progress=False)
+    rng = np.random.default_rng(4)
+    batch = model.prepare(["<image> what shape is it", "<image> hi"],
+                          images=[rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)] * 2)
+    real = np.asarray(batch.attention_mask).astype(bool)
+    edit_sets = [model.edits().zero("vision.resid_post", layers=[i]) for i in range(2)]
+    fused = np.asarray(model.run_sweep(batch, edit_sets, fused_attention=True).logits)
+    explicit = np.asarray(model.run_sweep(batch, edit_sets, fused_attention=False).logits)
+    np.testing.assert_allclose(fused[:, real], explicit[:, real], atol=TOL)
