@@ -213,3 +213,19 @@ def test_sweeps_vmap_the_kernel(random_llava, interpret):
     fused = np.asarray(model.run_sweep(batch, edit_sets, fused_attention=True).logits)
     explicit = np.asarray(model.run_sweep(batch, edit_sets, fused_attention=False).logits)
     np.testing.assert_allclose(fused[:, real], explicit[:, real], atol=TOL)
+
+
+def test_shapes_the_kernel_refuses_fall_back_to_xla_with_a_warning(interpret, monkeypatch):
+    # older JAX kernels raised NotImplementedError while tracing head sizes below 128
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("head_dim_v=16 should be a multiple of 128")
+
+    monkeypatch.setattr(tpu_attention, "_attention_here", refuse)
+    rng = np.random.default_rng(5)
+    q, k = heads(rng, 1, 130, 4), heads(rng, 1, 130, 2)
+    real = jnp.ones((1, 130), bool)
+    index = jnp.arange(130)
+    bias = mask_to_bias(causal_mask(real, index, index))
+    with pytest.warns(UserWarning, match="refused queries .*head_dim_v=16.*Fix: upgrade jax"):
+        out = attention(q, k, k, scale=0.25, bias=bias, fused=True, structure=MaskStructure(real))[0]
+    np.testing.assert_allclose(np.asarray(out), np.asarray(attention(q, k, k, scale=0.25, bias=bias)[0]), atol=TOL)

@@ -341,8 +341,11 @@ def attention(
         if return_pattern or score_edit is not None:
             raise ValueError("the fused attention path cannot return the pattern or edit attention edges")
         if tpu_attention.usable(t_len, s_len) and (bias is None or structure is not None):
-            return tpu_attention.splash_attention(q, k, v, scale=scale, structure=structure,
-                                                  residual_name=ATTENTION_RESIDUALS[0]), None
+            try:
+                return tpu_attention.splash_attention(q, k, v, scale=scale, structure=structure,
+                                                      residual_name=ATTENTION_RESIDUALS[0]), None
+            except NotImplementedError as error:  # shapes this JAX's kernel refuses (raised while tracing)
+                tpu_attention.warn_unsupported(error, q.shape)
         if bias is not None:
             # The kernels take the bias in the activation dtype. float32's minimum overflows to
             # -inf in bfloat16, and a query with every key masked (left padding) then gets NaN,
