@@ -46,14 +46,28 @@ def batch_arrays(cfg, batch: int, seed: int) -> dict:
     }
 
 
-def compiled_step(model, folder: str, variant: str, remat, batch: dict, output_dir: str):
+def pad_right(data: dict, multiple: int) -> dict:
+    """batch_arrays' batch with its rows right-padded (token 0, attention mask 0) to a
+    multiple of `multiple` tokens; the loss positions stay where they are."""
+    t_len = data["input_ids"].shape[1]
+    extra = -t_len % multiple
+    if extra == 0:
+        return data
+    out = dict(data)
+    for key in ("input_ids", "attention_mask"):
+        out[key] = np.pad(data[key], ((0, 0), (0, extra)))
+    return out
+
+
+def compiled_step(model, folder: str, variant: str, remat, batch: dict, output_dir: str,
+                  param_dtype: str = "float32"):
     """vlm_jax's training step for `variant` ('full': every parameter; 'lora': rank-8 LoRA on the
     text decoder's q_proj / v_proj) under `remat`, compiled once for `batch` ([accum, micro, ...]).
     Returns (trainer, the compiled program, a function running one step and returning its loss)."""
     from vlm_jax.train import LoraConfig, TrainConfig, Trainer
 
     lora = LoraConfig(rank=8, alpha=16.0, targets=("q_proj", "v_proj"), towers=("text",)) if variant == "lora" else None
-    cfg = TrainConfig(model=folder, train_data=[{}], output_dir=output_dir, lora=lora, param_dtype="float32",
+    cfg = TrainConfig(model=folder, train_data=[{}], output_dir=output_dir, lora=lora, param_dtype=param_dtype,
                       learning_rate=1e-5, betas=(0.9, 0.95), batch_size=1, max_grad_norm=None, remat=remat,
                       progress=False)
     trainer = Trainer(cfg, model=model)

@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from common import (  # noqa: E402
     forward_flops, generation_flops, lens_flops, machine, timed, train_step_flops, use_malloc_tunables)
-from finetune import ANSWER, batch_arrays, lora_torch, torch_step_fn  # noqa: E402
+from finetune import ANSWER, batch_arrays, lora_torch, pad_right, torch_step_fn  # noqa: E402
 from interp import hf_lens, jax_workloads, make_inputs, prepare, rel_err  # noqa: E402
 from interp_tools import stack_tops  # noqa: E402
 
@@ -97,19 +97,6 @@ def sync(device) -> None:
 def on_device(t_inputs: dict, device, dtype) -> dict:
     """prepare()'s torch inputs on `device`, floating-point ones (the pixels) cast to `dtype`."""
     return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in t_inputs.items()}
-
-
-def pad_right(data: dict, multiple: int) -> dict:
-    """finetune.batch_arrays' batch with its rows right-padded (token 0, attention mask 0) to a
-    multiple of `multiple` tokens; the loss positions stay where they are."""
-    t_len = data["input_ids"].shape[1]
-    extra = -t_len % multiple
-    if extra == 0:
-        return data
-    out = dict(data)
-    for key in ("input_ids", "attention_mask"):
-        out[key] = np.pad(data[key], ((0, 0), (0, extra)))
-    return out
 
 
 def main() -> None:

@@ -26,6 +26,8 @@ XLA CPU's passes without their scope (a decode step's attention products): they 
 
     python benchmarks/profile_step.py [--workload full] [--remat dots] [--batch 2] [--steps 2] [--top 12]
     python benchmarks/profile_step.py --workload decode --batch 4 --steps 20
+    python benchmarks/profile_step.py --model llava-1.5-7b --dtype bfloat16 --workload lora --remat none --pad-to 64
+                                                    # on a GPU (VLM_JAX_FUSED_GRADIENT=cudnn to compare)
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import machine, use_malloc_tunables  # noqa: E402
-from finetune import batch_arrays, compiled_step  # noqa: E402
+from finetune import batch_arrays, compiled_step, pad_right  # noqa: E402
 from interp import build_model, make_inputs  # noqa: E402
 
 COMPONENTS = ("vision_tower", "projector", "embed", "text_decoder", "unembed", "loss", "optimizer")
@@ -130,16 +132,25 @@ def attribute(events: list[dict], instructions: dict, module: str) -> tuple[coll
     return charged, len(runs)
 
 
-def model_folder(workdir: str, tiny: bool) -> str:
-    """The CPU preset's folder (interp.py's), or with tiny=True a 2 + 2 layer model with the same
-    vocabulary and image token (make_inputs works unchanged): a smoke run of this script."""
-    if not tiny:
-        return build_model(workdir)
+MODELS = ("cpu-preset", "llava-1.5-7b")
+
+
+def model_folder(workdir: str, tiny: bool, model: str = "cpu-preset", dtype: str = "float32") -> str:
+    """The model's folder: the CPU preset (interp.py's), or llava-1.5-7b's shape with random
+    weights in `dtype` (gpu.py's, for accelerators), or with tiny=True a 2 + 2 layer model with
+    the same vocabulary and image token (make_inputs works unchanged): a smoke run of this script."""
     from vlm_jax.random_model import make_random_llava, tiny_hf_config
 
-    folder = os.path.join(workdir, "profile-tiny")
+    if tiny:
+        folder, config = os.path.join(workdir, "profile-tiny"), tiny_hf_config(32064, 32000)
+    elif model == "cpu-preset":
+        return build_model(workdir)
+    else:
+        from vlm_jax.config import PRESETS
+
+        folder, config = os.path.join(workdir, f"{model}-{dtype}"), PRESETS[model]
     if not os.path.exists(folder):
-        make_random_llava(folder, tiny_hf_config(32064, 32000), with_processor=False)
+        make_random_llava(folder, config, dtype=dtype, with_processor=False)
     return folder
 
 
@@ -198,14 +209,15 @@ def prefill_step(model, batch: int):
     return program, run_once
 
 
-def build_workload(name: str, remat: str, batch: int, folder: str):
-    """(the compiled program, a function that runs it once and waits)."""
+def build_workload(name: str, remat: str, batch: int, folder: str, dtype: str = "float32", pad_to: int = 1):
+    """(the compiled program, a function that runs it once and waits). pad_to: the training
+    batches' rows are right-padded to a multiple of it (finetune.pad_right)."""
     import jax
 
     import vlm_jax as vj
     from vlm_jax.models import llava
 
-    model = vj.load(folder, dtype="float32", progress=False)
+    model = vj.load(folder, dtype=dtype, progress=False)
     if name == "decode":
         return decode_step(model, batch)
     if name == "prefill":
@@ -218,9 +230,14 @@ def build_workload(name: str, remat: str, batch: int, folder: str):
             jax.block_until_ready(program(model.params, inputs).logits)
 
         return program, run_once
-    data = {k: v[None] for k, v in batch_arrays(model.config, batch, seed=0).items()}  # [accum=1, batch, ...]
+    unpadded = batch_arrays(model.config, batch, seed=0)
+    rows = pad_right(unpadded, pad_to)
+    print(f"training batch: {batch} rows x {rows['input_ids'].shape[1]} tokens ({unpadded['input_ids'].shape[1]} real)")
+    data = {k: v[None] for k, v in rows.items()}  # [accum=1, batch, ...]
+    if jax.numpy.dtype(dtype) != jax.numpy.float32:  # the pixels in the parameters' dtype, as the trainer feeds them
+        data["pixel_values"] = data["pixel_values"].astype(jax.numpy.dtype(dtype))
     _, program, run_once = compiled_step(model, folder, name, remat, data,
-                                         os.path.join(os.path.dirname(folder), "profile-train"))
+                                         os.path.join(os.path.dirname(folder), "profile-train"), param_dtype=dtype)
     return program, run_once
 
 
@@ -235,11 +252,20 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12, help="how many of the costliest ops to list")
     parser.add_argument("--workdir", default="/tmp/vlm_jax_bench")
     parser.add_argument("--tiny", action="store_true", help="a tiny model: a smoke run of this script")
+    parser.add_argument("--model", choices=MODELS, default="cpu-preset",
+                        help="llava-1.5-7b: the 7B's shape with random weights (for an accelerator, with "
+                             "--dtype bfloat16)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the parameters' dtype (and the training workloads' param_dtype)")
+    parser.add_argument("--pad-to", type=int, default=1,
+                        help="right-pad the training batches to a multiple of this many tokens (cuDNN's attention "
+                             "backward, VLM_JAX_FUSED_GRADIENT=cudnn, needs even lengths)")
     args = parser.parse_args()
 
     import jax
 
-    program, run_once = build_workload(args.workload, args.remat, args.batch, model_folder(args.workdir, args.tiny))
+    folder = model_folder(args.workdir, args.tiny, args.model, args.dtype)
+    program, run_once = build_workload(args.workload, args.remat, args.batch, folder, args.dtype, args.pad_to)
     instructions = hlo_instructions(program.as_text())
     module = program.runtime_executable().hlo_modules()[0].name
     # Two warm-up executions first: a step that donates its state writes its outputs into two sets
@@ -271,7 +297,7 @@ def main() -> None:
 
     print(f"machine: {machine()}")
     remat = f", remat={args.remat}" if args.workload in ("full", "lora") else ""
-    model = "a tiny model" if args.tiny else "the CPU preset"
+    model = f"{'a tiny model' if args.tiny else args.model} in {args.dtype}"
     print(f"workload: {args.workload} on {model} (batch {args.batch}{remat}); untraced step {statistics.median(untraced):.3f} s, "
           f"traced {total / 1e3:.3f} s (mean of {runs})")
     table = collections.defaultdict(collections.Counter)

@@ -118,3 +118,19 @@ def test_profile_script_runs_the_prefill(tmp_path):
     rows = table_rows(proc.stdout)
     assert rows["text_decoder", "mlp"][0] and rows["text_decoder", "attention"][0] and rows["vision_tower", "mlp"][0]
     assert all(not r[1] and not r[3] for r in rows.values())  # no backward, no update
+
+
+def test_profile_script_runs_a_bfloat16_lora_step_on_padded_rows(tmp_path):
+    """The accelerator form (--dtype bfloat16, rows right-padded to 64 tokens as the trainer's
+    buckets are) on a tiny model: the padded batch, the text decoder's attention in forward and
+    backward, shares adding up."""
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "profile_step.py"), "--tiny", "--workload", "lora",
+           "--dtype", "bfloat16", "--pad-to", "64", "--steps", "1", "--top", "3", "--workdir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "workload: lora on a tiny model in bfloat16" in proc.stdout
+    assert re.search(r"training batch: 2 rows x 64 tokens \(\d+ real\)", proc.stdout)
+    rows = table_rows(proc.stdout)
+    forward, backward = rows["text_decoder", "attention"][:2]
+    assert forward and backward
+    assert abs(sum(float(r[-1].rstrip("%")) for r in rows.values()) - 100) < 0.5
