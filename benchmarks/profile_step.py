@@ -138,17 +138,15 @@ MODELS = ("cpu-preset", "llava-1.5-7b")
 def model_folder(workdir: str, tiny: bool, model: str = "cpu-preset", dtype: str = "float32") -> str:
     """The model's folder: the CPU preset (interp.py's), or llava-1.5-7b's shape with random
     weights in `dtype` (gpu.py's, for accelerators), or with tiny=True a 2 + 2 layer model with
-    the same vocabulary and image token (make_inputs works unchanged): a smoke run of this script."""
+    the same vocabulary and image token (make_inputs works unchanged): a smoke run of this script.
+    The random folders are named by their dtype, so a folder reused later holds what its name says."""
+    from vlm_jax.config import PRESETS
     from vlm_jax.random_model import make_random_llava, tiny_hf_config
 
-    if tiny:
-        folder, config = os.path.join(workdir, "profile-tiny"), tiny_hf_config(32064, 32000)
-    elif model == "cpu-preset":
+    if not tiny and model == "cpu-preset":
         return build_model(workdir)
-    else:
-        from vlm_jax.config import PRESETS
-
-        folder, config = os.path.join(workdir, f"{model}-{dtype}"), PRESETS[model]
+    config = tiny_hf_config(32064, 32000) if tiny else PRESETS[model]
+    folder = os.path.join(workdir, f"{'profile-tiny' if tiny else model}-{dtype}")
     if not os.path.exists(folder):
         make_random_llava(folder, config, dtype=dtype, with_processor=False)
     return folder
