@@ -345,7 +345,7 @@ def attention(
                 return tpu_attention.splash_attention(q, k, v, scale=scale, structure=structure,
                                                       residual_name=ATTENTION_RESIDUALS[0]), None
             except NotImplementedError as error:  # shapes this JAX's kernel refuses (raised while tracing)
-                tpu_attention.warn_unsupported(error, q.shape)
+                tpu_attention.warn_unsupported(str(error), tuple(q.shape))
         if bias is not None:
             # The kernels take the bias in the activation dtype. float32's minimum overflows to
             # -inf in bfloat16, and a query with every key masked (left padding) then gets NaN,

@@ -89,16 +89,12 @@ def usable(t_len: int, s_len: int) -> bool:
     return t_len == s_len and t_len > 1 and mode() != "off"
 
 
-def warn_unsupported(error: Exception, q_shape) -> None:
-    """Warns (once per shape and reason) that the kernel refused these heads, so XLA's runs."""
-    _warn_once(str(error), tuple(q_shape))
-
-
 @functools.lru_cache(maxsize=None)
-def _warn_once(reason: str, q_shape: tuple) -> None:
+def warn_unsupported(reason: str, q_shape: tuple) -> None:
+    """Warns (once per shape and reason) that the kernel refused these heads, so XLA's runs."""
     warnings.warn(f"the splash-attention kernel of this JAX refused queries {q_shape} ({reason}); that attention "
                   f"runs XLA's kernel instead. Fix: upgrade jax (older kernels need head sizes that are multiples "
-                  f"of 128), or set VLM_JAX_TPU_ATTENTION=off to silence this.", stacklevel=4)
+                  f"of 128), or set VLM_JAX_TPU_ATTENTION=off to silence this.", stacklevel=3)
 
 
 def _one_head_mask(length: int, causal: bool, window: int | None):
