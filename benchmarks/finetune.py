@@ -49,6 +49,9 @@ def batch_arrays(cfg, batch: int, seed: int) -> dict:
 def pad_right(data: dict, multiple: int) -> dict:
     """batch_arrays' batch with its rows right-padded (token 0, attention mask 0) to a
     multiple of `multiple` tokens; the loss positions stay where they are."""
+    if not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"rows are padded to a multiple of a whole number of tokens >= 1 (1: no padding); "
+                         f"got {multiple!r}")
     t_len = data["input_ids"].shape[1]
     extra = -t_len % multiple
     if extra == 0:

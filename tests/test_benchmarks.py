@@ -13,6 +13,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -59,3 +62,17 @@ def test_decode_step_bytes_count_every_weight_a_step_reads():
     cfg = preset("llava-1.5-cpu-60m")
     slow_memory = generation_floor(cfg, 1, 600, 2, 1e11, 1e9) - generation_floor(cfg, 1, 600, 1, 1e11, 1e9)
     assert math.isclose(slow_memory, decode_step_bytes(cfg, 1, 601) / 1e9)
+
+
+def test_padding_training_rows_pads_right_and_refuses_a_bad_multiple():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from finetune import pad_right
+
+    data = {"input_ids": np.ones((2, 5), np.int32), "attention_mask": np.ones((2, 5), np.int32),
+            "target_positions": np.array([[3, 4], [3, 4]])}
+    padded = pad_right(data, 4)
+    assert padded["input_ids"].shape == (2, 8) and padded["attention_mask"][:, 5:].sum() == 0
+    assert padded["target_positions"] is data["target_positions"]
+    for bad in (0, -64, 2.0):
+        with pytest.raises(ValueError, match="whole number of tokens >= 1"):
+            pad_right(data, bad)

@@ -290,3 +290,10 @@ def test_parity_with_transformers_through_the_kernel(hf_checkpoints, interpret, 
     calls = str(jax.make_jaxpr(lambda p: llava.forward(p, model.config, arrays, fused_attention=True).logits)(
         model.params)).count("pallas_call")
     assert calls == (1 if case.startswith("dinov2-qwen2") else 2)  # one per tower (layers are scanned)
+
+
+def test_the_kernel_takes_queries_and_keys_over_the_same_slots(interpret):
+    rng = np.random.default_rng(6)
+    q, k = heads(rng, 1, 130, 2), heads(rng, 1, 140, 2)
+    with pytest.raises(ValueError, match="same slots; got T=130, S=140"):
+        tpu_attention.splash_attention(q, k, k, scale=0.25, structure=None)
